@@ -1,0 +1,184 @@
+//! Typed configuration, read once at start-up from flags and the environment.
+//!
+//! Every field can be set by a flag or by the environment variable named in
+//! `../shared/API.md`. Values are validated here, so a bad setting stops the
+//! process with one clear line instead of failing later under load.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The most seats one booking may ask for. The `OCCUPIED` NOTIFY payload
+/// carries every seat of a booking and must stay far below PostgreSQL's
+/// 8000-byte limit; 100 seats is about 2.5 KB.
+pub const MAX_SEATS_LIMIT: u16 = 100;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "seatsync",
+    version,
+    about = "Seat reservation service with real-time seat maps"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a replica (the default).
+    Serve,
+    /// Apply the migrations in `sql/` and exit.
+    Migrate,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// PostgreSQL for the pool. Unset: start the embedded private cluster
+    /// (development default) under `--data-dir`.
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+
+    /// Direct connection for LISTEN. Must not go through a transaction
+    /// pooler, where LISTEN silently does nothing. Defaults to DATABASE_URL.
+    #[arg(long, env = "LISTEN_DATABASE_URL", global = true)]
+    pub listen_database_url: Option<String>,
+
+    /// Address to bind.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0", global = true)]
+    pub host: IpAddr,
+
+    /// Port to bind; 0 picks a free one (the bound address is printed).
+    #[arg(long, env = "PORT", default_value_t = 8080, global = true)]
+    pub port: u16,
+
+    /// How long a hold lasts before it expires, in seconds.
+    #[arg(long, env = "HOLD_SECONDS", default_value_t = 300,
+          value_parser = clap::value_parser!(u32).range(1..=86_400), global = true)]
+    pub hold_seconds: u32,
+
+    /// Most seats in one booking.
+    #[arg(long, env = "MAX_SEATS_PER_BOOKING", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=MAX_SEATS_LIMIT as i64), global = true)]
+    pub max_seats_per_booking: u16,
+
+    /// Silence after which an SSE stream gets a heartbeat comment. Must stay
+    /// below every idle timeout between browser and replica (nginx: 60 s).
+    #[arg(long, env = "HEARTBEAT_SECONDS", default_value_t = 45,
+          value_parser = clap::value_parser!(u32).range(1..=3_600), global = true)]
+    pub heartbeat_seconds: u32,
+
+    /// HS256 secret for user tokens, shared by every replica. Required unless
+    /// the embedded development database is used.
+    #[arg(long, env = "AUTH_SECRET", hide_env_values = true, global = true)]
+    pub auth_secret: Option<String>,
+
+    /// Whether `POST /api/auth/guest` issues tokens.
+    #[arg(long, env = "AUTH_GUEST", default_value_t = true, action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new(), global = true)]
+    pub auth_guest: bool,
+
+    /// Lifetime of a guest token, in seconds.
+    #[arg(long, env = "TOKEN_TTL_SECONDS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u32).range(60..=31_536_000), global = true)]
+    pub token_ttl_seconds: u32,
+
+    /// Bearer token for admin endpoints. Unset: admin endpoints answer 403.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true, global = true)]
+    pub admin_token: Option<String>,
+
+    /// Connections in this replica's pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1_000), global = true)]
+    pub db_pool_size: u32,
+
+    /// How often the sweeper looks for expired holds, in milliseconds. Holds
+    /// are released within this interval (plus one transaction) of expiry.
+    #[arg(long, env = "SWEEP_INTERVAL_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(10..=60_000), global = true)]
+    pub sweep_interval_ms: u32,
+
+    /// How long seat events stay in the log for resuming streams, in seconds.
+    #[arg(long, env = "EVENT_RETENTION_SECONDS", default_value_t = 3_600,
+          value_parser = clap::value_parser!(u32).range(1..=31_536_000), global = true)]
+    pub event_retention_seconds: u32,
+
+    /// Most SSE streams this replica serves at once; above it new streams get 503.
+    #[arg(long, env = "SSE_MAX_CONNECTIONS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    pub sse_max_connections: u32,
+
+    /// Where the embedded development cluster keeps its data.
+    #[arg(
+        long,
+        env = "SEATSYNC_DATA_DIR",
+        default_value = ".seatsync",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// Port of the embedded development cluster.
+    #[arg(
+        long,
+        env = "SEATSYNC_EMBEDDED_PG_PORT",
+        default_value_t = 54329,
+        global = true
+    )]
+    pub embedded_pg_port: u16,
+}
+
+/// A configuration that parsed but makes no sense.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("AUTH_SECRET is required when DATABASE_URL is set (at least 16 characters, the same on every replica)")]
+    MissingAuthSecret,
+    #[error("AUTH_SECRET must be at least 16 characters long")]
+    WeakAuthSecret,
+    #[error("ADMIN_TOKEN must be at least 16 characters long")]
+    WeakAdminToken,
+    #[error("{name} is not a valid PostgreSQL URL: {reason}")]
+    BadDatabaseUrl { name: &'static str, reason: String },
+}
+
+impl Config {
+    /// Checks what clap cannot: relations between settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database_url {
+            check_pg_url("DATABASE_URL", url)?;
+            if self.auth_secret.is_none() {
+                return Err(ConfigError::MissingAuthSecret);
+            }
+        }
+        if let Some(url) = &self.listen_database_url {
+            check_pg_url("LISTEN_DATABASE_URL", url)?;
+        }
+        if self.auth_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::WeakAuthSecret);
+        }
+        if self.admin_token.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::WeakAdminToken);
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_seconds.into())
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_millis(self.sweep_interval_ms.into())
+    }
+}
+
+fn check_pg_url(name: &'static str, url: &str) -> Result<(), ConfigError> {
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|e| ConfigError::BadDatabaseUrl {
+            name,
+            reason: e.to_string(),
+        })
+}

@@ -1,0 +1,239 @@
+//! The HTTP edge's one error type. Every failure of every layer is mapped to
+//! an [`ApiError`] once, here, and leaves as `application/problem+json`
+//! (RFC 9457) with a stable `code`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::auth::AuthError;
+use crate::db::DbError;
+use crate::holds::{HoldError, Seat};
+use crate::schedules::ScheduleError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{detail}")]
+    InvalidRequest {
+        field: Option<String>,
+        detail: String,
+    },
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("schedule {0} does not exist")]
+    ScheduleNotFound(i64),
+    #[error("booking not found")]
+    BookingNotFound,
+    #[error("no such resource")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error(transparent)]
+    Hold(HoldError),
+    #[error("this replica serves its maximum number of seat streams")]
+    TooManyStreams,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        let field = field.into();
+        ApiError::InvalidRequest {
+            detail: format!("{field}: {detail}"),
+            field: Some(field),
+        }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use HoldError as H;
+        match self {
+            ApiError::InvalidRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Invalid request",
+            ),
+            ApiError::PayloadTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "Payload too large",
+            ),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
+            ApiError::ScheduleNotFound(_) | ApiError::Hold(H::ScheduleNotFound(_)) => (
+                StatusCode::NOT_FOUND,
+                "schedule_not_found",
+                "Schedule not found",
+            ),
+            ApiError::BookingNotFound | ApiError::Hold(H::BookingNotFound) => (
+                StatusCode::NOT_FOUND,
+                "booking_not_found",
+                "Booking not found",
+            ),
+            ApiError::RouteNotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+            ),
+            ApiError::Hold(H::InvalidRequest { .. }) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Invalid request",
+            ),
+            ApiError::Hold(H::SeatsTaken(_)) => {
+                (StatusCode::CONFLICT, "seats_taken", "Seats taken")
+            }
+            ApiError::Hold(H::BookingInProgress(_)) => (
+                StatusCode::CONFLICT,
+                "booking_in_progress",
+                "Booking in progress",
+            ),
+            ApiError::Hold(H::IdempotencyKeyReused) => (
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                "Idempotency key reused",
+            ),
+            ApiError::Hold(H::BookingExpired) => {
+                (StatusCode::GONE, "booking_expired", "Booking expired")
+            }
+            ApiError::Hold(H::BookingCancelled) => (
+                StatusCode::CONFLICT,
+                "booking_cancelled",
+                "Booking cancelled",
+            ),
+            ApiError::Hold(H::BookingConfirmed) => (
+                StatusCode::CONFLICT,
+                "booking_confirmed",
+                "Booking confirmed",
+            ),
+            ApiError::TooManyStreams => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_streams",
+                "Too many streams",
+            ),
+            ApiError::Hold(H::Unavailable(_)) | ApiError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "Service unavailable",
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "Internal server error",
+            ),
+        }
+    }
+
+    fn extra(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        match self {
+            ApiError::InvalidRequest { field: Some(f), .. }
+            | ApiError::Hold(HoldError::InvalidRequest { field: f, .. }) => {
+                m.insert("field".into(), json!(f));
+            }
+            ApiError::Hold(HoldError::SeatsTaken(seats)) => {
+                m.insert("seats".into(), json!(seats));
+            }
+            ApiError::Hold(HoldError::BookingInProgress(id)) => {
+                m.insert("bookingId".into(), json!(id));
+            }
+            _ => {}
+        }
+        m
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, title) = self.parts();
+        let detail = match &self {
+            // Never leak database internals to clients; they go to the log.
+            ApiError::Hold(HoldError::Unavailable(e)) | ApiError::Unavailable(e) => {
+                tracing::warn!(error = %e, "request failed: store unavailable");
+                "the service is temporarily unavailable; nothing was changed, try again".to_owned()
+            }
+            ApiError::Internal(e) => {
+                tracing::error!(error = %e, "request failed: internal error");
+                "internal error; nothing was changed".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut body = Map::new();
+        body.insert("type".into(), json!(format!("urn:seatsync:problem:{code}")));
+        body.insert("title".into(), json!(title));
+        body.insert("status".into(), json!(status.as_u16()));
+        body.insert("detail".into(), json!(detail));
+        body.insert("code".into(), json!(code));
+        body.extend(self.extra());
+        let mut response = (status, axum::Json(Value::Object(body))).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<HoldError> for ApiError {
+    fn from(e: HoldError) -> Self {
+        ApiError::Hold(e)
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+impl From<ScheduleError> for ApiError {
+    fn from(e: ScheduleError) -> Self {
+        match e {
+            ScheduleError::Invalid { field, reason } => ApiError::invalid(field, reason),
+            ScheduleError::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::InvalidToken => ApiError::Unauthorized("invalid or expired token".into()),
+            AuthError::Signing(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+/// For the OpenAPI document: the shape of every error body.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    /// URI naming the problem type.
+    r#type: String,
+    title: String,
+    status: u16,
+    detail: String,
+    /// Stable, machine-readable error code.
+    code: String,
+    /// The offending field, for `invalid_request`.
+    field: Option<String>,
+    /// For `seats_taken`: the requested seats that are held or sold.
+    seats: Option<Vec<Seat>>,
+    /// For `booking_in_progress`: the user's pending booking.
+    booking_id: Option<Uuid>,
+}

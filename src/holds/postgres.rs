@@ -1,0 +1,617 @@
+//! The PostgreSQL seat store. Every change is one short transaction that
+//! writes the change, appends its seat event and calls `pg_notify`, so an
+//! event exists if and only if the change committed.
+//!
+//! Lock order, the same in every transaction, keeps them from deadlocking:
+//! booking rows, then seat rows (in `(row, col)` order), then last the
+//! per-schedule event counters (in schedule-id order). Nothing waits for a
+//! lock while holding a counter, so counters are held only until commit.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Pool, Transaction};
+use postgres_types::{Json, ToSql};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{
+    Booking, BookingStatus, HoldError, HoldOutcome, HoldRequest, Seat, SeatAction, SeatSnapshot,
+    SeatState, SeatStore,
+};
+use crate::db::{DbError, PgConn};
+
+/// The channel every replica LISTENs on.
+pub const NOTIFY_CHANNEL: &str = "seatsync_seat_events";
+
+const INSERT_BOOKING: &str = "INSERT INTO bookings \
+       (id, schedule_id, user_id, status, seats, expires_at, idempotency_key, request_fingerprint) \
+     VALUES ($1, $2, $3, 'PENDING', $4, now() + $5::int * interval '1 second', $6, $7) \
+     ON CONFLICT DO NOTHING RETURNING expires_at";
+
+const FIND_BY_IDEMPOTENCY_KEY: &str = "SELECT id, schedule_id, user_id, status, seats, expires_at, request_fingerprint, \
+       (status = 'PENDING' AND expires_at <= clock_timestamp()) AS overdue \
+     FROM bookings WHERE user_id = $1 AND idempotency_key = $2 AND status IN ('PENDING', 'CONFIRMED') \
+     FOR UPDATE";
+
+const FIND_PENDING_OF_USER: &str = "SELECT id, (expires_at <= clock_timestamp()) AS overdue \
+     FROM bookings WHERE schedule_id = $1 AND user_id = $2 AND status = 'PENDING' FOR UPDATE";
+
+/// Holds seats in `(row, col)` order. A seat held by an uncommitted
+/// transaction makes this wait for it; a committed one makes it skip the seat.
+const INSERT_SEATS: &str = "INSERT INTO schedule_seat_status \
+       (schedule_id, row_num, col_num, booking_id, status, expires_at) \
+     SELECT $1, s.r, s.c, $2, 'OCCUPIED', $3 FROM unnest($4::int2[], $5::int2[]) AS s(r, c) ORDER BY s.r, s.c \
+     ON CONFLICT (schedule_id, row_num, col_num) DO NOTHING RETURNING row_num, col_num";
+
+const SEAT_HOLDERS: &str = "SELECT st.row_num, st.col_num, st.booking_id, \
+       (st.status = 'OCCUPIED' AND st.expires_at <= clock_timestamp()) AS overdue \
+     FROM schedule_seat_status st JOIN unnest($2::int2[], $3::int2[]) AS q(r, c) \
+       ON st.row_num = q.r AND st.col_num = q.c \
+     WHERE st.schedule_id = $1";
+
+/// Expires one overdue hold. `clock_timestamp()`, not `now()`: after a lock
+/// wait `now()` is stale and would let an overdue hold live on.
+const EXPIRE_BOOKING: &str = "UPDATE bookings SET status = 'EXPIRED', updated_at = clock_timestamp() \
+     WHERE id = $1 AND status = 'PENDING' AND expires_at <= clock_timestamp() RETURNING schedule_id, seats";
+
+const DELETE_SEATS_OF: &str = "DELETE FROM schedule_seat_status WHERE booking_id = ANY($1)";
+
+/// Bumps the schedule's counter (its row lock orders event ids by commit),
+/// logs the event and notifies, all in one round trip.
+const APPEND_EVENT: &str = "WITH bumped AS ( \
+       UPDATE schedules SET last_event_id = last_event_id + 1 WHERE id = $1 RETURNING last_event_id \
+     ), logged AS ( \
+       INSERT INTO seat_events (schedule_id, event_id, action, seats) \
+       SELECT $1, last_event_id, $2, $3 FROM bumped RETURNING event_id \
+     ) \
+     SELECT event_id, pg_notify('seatsync_seat_events', json_build_object( \
+       'scheduleId', $1::bigint, 'eventId', event_id, 'action', $2::text, 'seats', $3::jsonb)::text)::text \
+     FROM logged";
+
+const GET_BOOKING: &str = "SELECT id, schedule_id, user_id, \
+       CASE WHEN status = 'PENDING' AND expires_at <= clock_timestamp() THEN 'EXPIRED' ELSE status END, \
+       seats, expires_at \
+     FROM bookings WHERE id = $1 AND user_id = $2";
+
+const LOCK_BOOKING: &str = "SELECT id, schedule_id, user_id, status, seats, expires_at, \
+       (status = 'PENDING' AND expires_at <= clock_timestamp()) AS overdue \
+     FROM bookings WHERE id = $1 AND user_id = $2 FOR UPDATE";
+
+const CONFIRM_BOOKING: &str =
+    "UPDATE bookings SET status = 'CONFIRMED', updated_at = clock_timestamp() \
+     WHERE id = $1 AND user_id = $2 AND status = 'PENDING' AND expires_at > clock_timestamp() \
+     RETURNING id, schedule_id, user_id, status, seats, expires_at";
+
+const CONFIRM_SEATS: &str =
+    "UPDATE schedule_seat_status SET status = 'CONFIRMED', expires_at = NULL WHERE booking_id = $1";
+
+const CANCEL_BOOKING: &str =
+    "UPDATE bookings SET status = 'CANCELLED', updated_at = clock_timestamp() \
+     WHERE id = $1 AND user_id = $2 AND status = 'PENDING' AND expires_at > clock_timestamp() \
+     RETURNING id, schedule_id, user_id, status, seats, expires_at";
+
+/// Claims overdue holds; `SKIP LOCKED` lets sweepers on every replica run at
+/// once without two of them releasing the same hold or waiting on each other.
+const SWEEP_EXPIRED: &str =
+    "UPDATE bookings b SET status = 'EXPIRED', updated_at = clock_timestamp() \
+     FROM (SELECT id FROM bookings WHERE status = 'PENDING' AND expires_at <= clock_timestamp() \
+           ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) due \
+     WHERE b.id = due.id AND b.status = 'PENDING' \
+     RETURNING b.id, b.schedule_id, b.seats";
+
+/// One statement, so the counter and the seats come from one snapshot.
+const SNAPSHOT: &str = "SELECT sc.last_event_id, st.row_num, st.col_num, st.status \
+     FROM schedules sc LEFT JOIN schedule_seat_status st ON st.schedule_id = sc.id WHERE sc.id = $1";
+
+/// How often a transaction that lost a deadlock or serialization race is
+/// tried again before the caller gets a 503.
+const MAX_TX_ATTEMPTS: usize = 4;
+
+/// [`SeatStore`] on PostgreSQL.
+#[derive(Clone)]
+pub struct PgSeatStore {
+    pool: Pool,
+}
+
+impl PgSeatStore {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+}
+
+/// A seat event waiting to be appended at the end of its transaction.
+struct PendingEvent {
+    schedule_id: i64,
+    action: SeatAction,
+    seats: Vec<Seat>,
+}
+
+/// Collects a transaction's events and appends them last, in schedule order.
+#[derive(Default)]
+struct EventBatch(Vec<PendingEvent>);
+
+impl EventBatch {
+    fn push(&mut self, schedule_id: i64, action: SeatAction, seats: Vec<Seat>) {
+        self.0.push(PendingEvent {
+            schedule_id,
+            action,
+            seats,
+        });
+    }
+
+    async fn append(mut self, tx: &Transaction<'_>) -> Result<(), DbError> {
+        // Stable: a schedule's RELEASED stays before its OCCUPIED.
+        self.0.sort_by_key(|e| e.schedule_id);
+        let stmt = tx.prepare_cached(APPEND_EVENT).await?;
+        for e in &self.0 {
+            tx.query_one(
+                &stmt,
+                &[&e.schedule_id, &e.action.as_str(), &Json(&e.seats)],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// What one attempt of a hold transaction decided.
+enum HoldDecision {
+    Commit(HoldOutcome),
+    Refuse(HoldError),
+}
+
+async fn query(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, DbError> {
+    let stmt = tx.prepare_cached(sql).await?;
+    Ok(tx.query(&stmt, params).await?)
+}
+
+async fn query_opt(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, DbError> {
+    let stmt = tx.prepare_cached(sql).await?;
+    Ok(tx.query_opt(&stmt, params).await?)
+}
+
+fn booking_from_row(row: &Row) -> Result<Booking, DbError> {
+    let status: String = row.try_get(3)?;
+    let Json(seats): Json<Vec<Seat>> = row.try_get(4)?;
+    Ok(Booking {
+        id: row.try_get(0)?,
+        schedule_id: row.try_get(1)?,
+        user_id: row.try_get(2)?,
+        // The CHECK constraint allows nothing else.
+        status: BookingStatus::parse(&status).unwrap_or(BookingStatus::Expired),
+        seats,
+        expires_at: row.try_get(5)?,
+    })
+}
+
+fn is_retryable(e: &DbError) -> bool {
+    matches!(e, DbError::Contended(_))
+        || matches!(e.sqlstate(), Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
+/// Expires an overdue hold inside `tx` and queues its `RELEASED` event.
+/// Returns false when the hold was not overdue or is no longer pending.
+async fn expire_in_tx(
+    tx: &Transaction<'_>,
+    booking_id: Uuid,
+    events: &mut EventBatch,
+) -> Result<bool, DbError> {
+    let Some(row) = query_opt(tx, EXPIRE_BOOKING, &[&booking_id]).await? else {
+        return Ok(false);
+    };
+    let schedule_id: i64 = row.try_get(0)?;
+    let Json(seats): Json<Vec<Seat>> = row.try_get(1)?;
+    query(tx, DELETE_SEATS_OF, &[&vec![booking_id]]).await?;
+    events.push(schedule_id, SeatAction::Released, seats);
+    Ok(true)
+}
+
+/// Looks up the booking an `Idempotency-Key` names. An overdue one is
+/// expired on the spot, which frees the key.
+async fn replay_by_key(
+    tx: &Transaction<'_>,
+    req: &HoldRequest,
+    key: &str,
+    events: &mut EventBatch,
+) -> Result<Option<HoldDecision>, DbError> {
+    let Some(row) = query_opt(tx, FIND_BY_IDEMPOTENCY_KEY, &[&req.user_id, &key]).await? else {
+        return Ok(None);
+    };
+    let overdue: bool = row.try_get(7)?;
+    let booking = booking_from_row(&row)?;
+    if overdue {
+        expire_in_tx(tx, booking.id, events).await?;
+        return Ok(None);
+    }
+    let fingerprint: Option<String> = row.try_get(6)?;
+    Ok(Some(
+        if fingerprint.as_deref() == Some(req.fingerprint().as_str()) {
+            HoldDecision::Commit(HoldOutcome {
+                booking,
+                replayed: true,
+            })
+        } else {
+            HoldDecision::Refuse(HoldError::IdempotencyKeyReused)
+        },
+    ))
+}
+
+/// One try of the hold transaction. Events it queues in `events` are
+/// appended by the caller if, and only if, the decision is to commit.
+async fn hold_attempt(
+    tx: &Transaction<'_>,
+    req: &HoldRequest,
+    hold_seconds: i32,
+    events: &mut EventBatch,
+) -> Result<HoldDecision, DbError> {
+    let fingerprint = req.fingerprint();
+
+    if let Some(key) = &req.idempotency_key {
+        if let Some(decision) = replay_by_key(tx, req, key, events).await? {
+            return Ok(decision);
+        }
+    }
+
+    let booking_id = Uuid::new_v4();
+    let seats_json = Json(&req.seats);
+    let mut expires_at: Option<DateTime<Utc>> = None;
+    // Bounded: each pass either inserts, refuses, or clears a hold that
+    // expired, and a user has at most one pending hold to clear.
+    for _ in 0..3 {
+        let inserted = query_opt(
+            tx,
+            INSERT_BOOKING,
+            &[
+                &booking_id,
+                &req.schedule_id,
+                &req.user_id,
+                &seats_json,
+                &hold_seconds,
+                &req.idempotency_key,
+                &fingerprint,
+            ],
+        )
+        .await?;
+        if let Some(row) = inserted {
+            expires_at = Some(row.try_get(0)?);
+            break;
+        }
+        // A unique index said no: the user's pending hold here, or the key.
+        if let Some(row) =
+            query_opt(tx, FIND_PENDING_OF_USER, &[&req.schedule_id, &req.user_id]).await?
+        {
+            let existing: Uuid = row.try_get(0)?;
+            let overdue: bool = row.try_get(1)?;
+            if overdue {
+                expire_in_tx(tx, existing, events).await?;
+                continue;
+            }
+            if let Some(key) = &req.idempotency_key {
+                if let Some(decision) = replay_by_key(tx, req, key, events).await? {
+                    return Ok(decision);
+                }
+            }
+            return Ok(HoldDecision::Refuse(HoldError::BookingInProgress(existing)));
+        }
+        if let Some(key) = &req.idempotency_key {
+            if let Some(decision) = replay_by_key(tx, req, key, events).await? {
+                return Ok(decision);
+            }
+        }
+        // The conflicting booking changed state after the insert saw it; try again.
+    }
+    let Some(expires_at) = expires_at else {
+        return Err(DbError::Contended("booking insert kept conflicting"));
+    };
+
+    let mut missing: Vec<Seat> = req.seats.clone();
+    for _ in 0..4 {
+        let rows: Vec<i16> = missing.iter().map(|s| s.row).collect();
+        let cols: Vec<i16> = missing.iter().map(|s| s.col).collect();
+        let inserted = query(
+            tx,
+            INSERT_SEATS,
+            &[&req.schedule_id, &booking_id, &expires_at, &rows, &cols],
+        )
+        .await?;
+        if inserted.len() == missing.len() {
+            missing.clear();
+            break;
+        }
+        for row in &inserted {
+            let seat = Seat {
+                row: row.try_get(0)?,
+                col: row.try_get(1)?,
+            };
+            missing.retain(|s| *s != seat);
+        }
+        let rows: Vec<i16> = missing.iter().map(|s| s.row).collect();
+        let cols: Vec<i16> = missing.iter().map(|s| s.col).collect();
+        let holders = query(tx, SEAT_HOLDERS, &[&req.schedule_id, &rows, &cols]).await?;
+        let mut taken = Vec::new();
+        let mut overdue_holders = Vec::new();
+        for h in &holders {
+            let seat = Seat {
+                row: h.try_get(0)?,
+                col: h.try_get(1)?,
+            };
+            if h.try_get::<_, bool>(3)? {
+                overdue_holders.push(h.try_get::<_, Uuid>(2)?);
+            } else {
+                taken.push(seat);
+            }
+        }
+        if !taken.is_empty() {
+            taken.sort();
+            return Ok(HoldDecision::Refuse(HoldError::SeatsTaken(taken)));
+        }
+        // Only holds that expired but were not swept yet stand in the way:
+        // an expired hold must never cause a 409, so release them here.
+        overdue_holders.sort();
+        overdue_holders.dedup();
+        for holder in overdue_holders {
+            expire_in_tx(tx, holder, events).await?;
+        }
+    }
+    if !missing.is_empty() {
+        // Seats kept changing hands under us; report them as taken rather
+        // than spin. Only reachable under extreme churn on the same seats.
+        return Ok(HoldDecision::Refuse(HoldError::SeatsTaken(missing)));
+    }
+
+    events.push(req.schedule_id, SeatAction::Occupied, req.seats.clone());
+    Ok(HoldDecision::Commit(HoldOutcome {
+        booking: Booking {
+            id: booking_id,
+            schedule_id: req.schedule_id,
+            user_id: req.user_id,
+            status: BookingStatus::Pending,
+            seats: req.seats.clone(),
+            expires_at,
+        },
+        replayed: false,
+    }))
+}
+
+/// Which terminal transition a pending booking is asked to make.
+#[derive(Clone, Copy)]
+enum Transition {
+    Confirm,
+    Cancel,
+}
+
+async fn transition_attempt(
+    tx: &Transaction<'_>,
+    user_id: Uuid,
+    booking_id: Uuid,
+    to: Transition,
+) -> Result<Result<Booking, HoldError>, DbError> {
+    let mut events = EventBatch::default();
+    let sql = match to {
+        Transition::Confirm => CONFIRM_BOOKING,
+        Transition::Cancel => CANCEL_BOOKING,
+    };
+    if let Some(row) = query_opt(tx, sql, &[&booking_id, &user_id]).await? {
+        let booking = booking_from_row(&row)?;
+        match to {
+            Transition::Confirm => {
+                query(tx, CONFIRM_SEATS, &[&booking_id]).await?;
+                events.push(
+                    booking.schedule_id,
+                    SeatAction::Confirmed,
+                    booking.seats.clone(),
+                );
+            }
+            Transition::Cancel => {
+                query(tx, DELETE_SEATS_OF, &[&vec![booking_id]]).await?;
+                events.push(
+                    booking.schedule_id,
+                    SeatAction::Released,
+                    booking.seats.clone(),
+                );
+            }
+        }
+        events.append(tx).await?;
+        return Ok(Ok(booking));
+    }
+    // Not pending and in time: find out why, under the row lock so the
+    // answer cannot change before we give it.
+    let Some(row) = query_opt(tx, LOCK_BOOKING, &[&booking_id, &user_id]).await? else {
+        return Ok(Err(HoldError::BookingNotFound));
+    };
+    let booking = booking_from_row(&row)?;
+    let overdue: bool = row.try_get(6)?;
+    Ok(match (booking.status, to) {
+        (BookingStatus::Pending, _) if overdue => {
+            // Expired but not swept yet: release it now, so the RELEASED
+            // event follows the refusal promptly.
+            expire_in_tx(tx, booking.id, &mut events).await?;
+            events.append(tx).await?;
+            Err(HoldError::BookingExpired)
+        }
+        (BookingStatus::Confirmed, Transition::Confirm)
+        | (BookingStatus::Cancelled, Transition::Cancel) => Ok(booking),
+        (BookingStatus::Confirmed, Transition::Cancel) => Err(HoldError::BookingConfirmed),
+        (BookingStatus::Cancelled, Transition::Confirm) => Err(HoldError::BookingCancelled),
+        (BookingStatus::Expired, _) => Err(HoldError::BookingExpired),
+        // Pending and in time, yet the update did not match: it changed
+        // between the two statements. The caller's retry will settle it.
+        (BookingStatus::Pending, _) => {
+            return Err(DbError::Contended("booking changed concurrently"))
+        }
+    })
+}
+
+async fn sweep_in_tx(tx: &Transaction<'_>, limit: i64) -> Result<usize, DbError> {
+    let rows = query(tx, SWEEP_EXPIRED, &[&limit]).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut events = EventBatch::default();
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let id: Uuid = row.try_get(0)?;
+        let Json(seats): Json<Vec<Seat>> = row.try_get(2)?;
+        ids.push(id);
+        // One event per booking keeps every NOTIFY payload small.
+        events.push(row.try_get(1)?, SeatAction::Released, seats);
+    }
+    query(tx, DELETE_SEATS_OF, &[&ids]).await?;
+    events.append(tx).await?;
+    Ok(rows.len())
+}
+
+impl From<DbError> for HoldError {
+    fn from(e: DbError) -> Self {
+        HoldError::Unavailable(e.to_string())
+    }
+}
+
+#[async_trait]
+impl SeatStore for PgSeatStore {
+    async fn hold_seats(
+        &self,
+        req: HoldRequest,
+        hold_seconds: u32,
+    ) -> Result<HoldOutcome, HoldError> {
+        let hold_seconds = i32::try_from(hold_seconds).unwrap_or(i32::MAX);
+        let mut client = PgConn::get(&self.pool).await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let tx = client.transaction().await.map_err(DbError::from)?;
+            let mut events = EventBatch::default();
+            let result = match hold_attempt(&tx, &req, hold_seconds, &mut events).await {
+                Ok(HoldDecision::Commit(outcome)) => {
+                    async {
+                        events.append(&tx).await?;
+                        tx.commit().await?;
+                        Ok(outcome)
+                    }
+                    .await
+                }
+                Ok(HoldDecision::Refuse(err)) => {
+                    // Rolls back, including any overdue holds it cleared:
+                    // the sweeper will release those with their events.
+                    tx.rollback().await.map_err(DbError::from)?;
+                    return Err(err);
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(outcome) => return Ok(outcome),
+                Err(e) if attempt < MAX_TX_ATTEMPTS && is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "hold transaction retried");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn booking(&self, user_id: Uuid, booking_id: Uuid) -> Result<Booking, HoldError> {
+        let client = PgConn::get(&self.pool).await?;
+        let stmt = client
+            .prepare_cached(GET_BOOKING)
+            .await
+            .map_err(DbError::from)?;
+        let row = client
+            .query_opt(&stmt, &[&booking_id, &user_id])
+            .await
+            .map_err(DbError::from)?;
+        match row {
+            Some(row) => Ok(booking_from_row(&row)?),
+            None => Err(HoldError::BookingNotFound),
+        }
+    }
+
+    async fn confirm(&self, user_id: Uuid, booking_id: Uuid) -> Result<Booking, HoldError> {
+        self.transition(user_id, booking_id, Transition::Confirm)
+            .await
+    }
+
+    async fn cancel(&self, user_id: Uuid, booking_id: Uuid) -> Result<Booking, HoldError> {
+        self.transition(user_id, booking_id, Transition::Cancel)
+            .await
+    }
+
+    async fn release_expired(&self, limit: i64) -> Result<usize, HoldError> {
+        let mut client = PgConn::get(&self.pool).await?;
+        let tx = client.transaction().await.map_err(DbError::from)?;
+        let released = sweep_in_tx(&tx, limit).await?;
+        tx.commit().await.map_err(DbError::from)?;
+        Ok(released)
+    }
+
+    async fn seat_snapshot(&self, schedule_id: i64) -> Result<SeatSnapshot, HoldError> {
+        let client = PgConn::get(&self.pool).await?;
+        let stmt = client
+            .prepare_cached(SNAPSHOT)
+            .await
+            .map_err(DbError::from)?;
+        let rows = client
+            .query(&stmt, &[&schedule_id])
+            .await
+            .map_err(DbError::from)?;
+        let Some(first) = rows.first() else {
+            return Err(HoldError::ScheduleNotFound(schedule_id));
+        };
+        let last_event_id: i64 = first.try_get(0).map_err(DbError::from)?;
+        let mut seats = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (Some(r), Some(c), Some(status)) = (
+                row.try_get::<_, Option<i16>>(1).map_err(DbError::from)?,
+                row.try_get::<_, Option<i16>>(2).map_err(DbError::from)?,
+                row.try_get::<_, Option<String>>(3).map_err(DbError::from)?,
+            ) else {
+                continue;
+            };
+            let status = SeatAction::parse(&status).unwrap_or(SeatAction::Occupied);
+            seats.push(SeatState {
+                row: r,
+                col: c,
+                status,
+            });
+        }
+        Ok(SeatSnapshot {
+            schedule_id,
+            last_event_id,
+            seats,
+        })
+    }
+}
+
+impl PgSeatStore {
+    async fn transition(
+        &self,
+        user_id: Uuid,
+        booking_id: Uuid,
+        to: Transition,
+    ) -> Result<Booking, HoldError> {
+        let mut client = PgConn::get(&self.pool).await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let tx = client.transaction().await.map_err(DbError::from)?;
+            let result = match transition_attempt(&tx, user_id, booking_id, to).await {
+                Ok(r) => tx.commit().await.map(|()| r).map_err(DbError::from),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(r) => return r,
+                Err(e) if attempt < MAX_TX_ATTEMPTS && is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "booking transition retried");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}

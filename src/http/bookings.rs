@@ -1,0 +1,197 @@
+//! Bookings: start (hold), read, confirm, cancel.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::auth::User;
+use super::extract::{ApiJson, BookingIdPath};
+use super::schedules::SeatInput;
+use super::AppState;
+use crate::error::{ApiError, Problem};
+use crate::holds::{validate_seats, Booking, BookingStatus, HoldRequest, RequestedSeat, Seat};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/bookings/start", post(start_booking))
+        .route("/api/bookings/{id}", get(get_booking))
+        .route("/api/bookings/{id}/confirm", post(confirm_booking))
+        .route("/api/bookings/{id}/cancel", post(cancel_booking))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StartBookingRequest {
+    pub schedule_id: i64,
+    /// 1..=maxSeatsPerBooking distinct, bookable seats.
+    pub seats: Vec<SeatInput>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BookingResponse {
+    pub booking_id: Uuid,
+    pub schedule_id: i64,
+    pub status: BookingStatus,
+    pub seats: Vec<Seat>,
+    #[schema(value_type = String, format = DateTime)]
+    #[serde(serialize_with = "super::ops::rfc3339")]
+    pub expires_at: DateTime<Utc>,
+}
+
+impl From<Booking> for BookingResponse {
+    fn from(b: Booking) -> Self {
+        Self {
+            booking_id: b.id,
+            schedule_id: b.schedule_id,
+            status: b.status,
+            seats: b.seats,
+            expires_at: b.expires_at,
+        }
+    }
+}
+
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bytes = v.as_bytes();
+    if bytes.is_empty()
+        || bytes.len() > MAX_IDEMPOTENCY_KEY
+        || !bytes.iter().all(|b| (0x20..=0x7e).contains(b))
+    {
+        return Err(ApiError::invalid(
+            "Idempotency-Key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"),
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+#[utoipa::path(post, path = "/api/bookings/start", tag = "bookings",
+    request_body = StartBookingRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key and body, same booking")),
+    security(("user" = [])),
+    responses(
+        (status = 201, body = BookingResponse, description = "All seats held"),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json",
+         description = "seats_taken (with `seats`), booking_in_progress (with `bookingId`) or idempotency_key_reused"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn start_booking(
+    State(state): State<AppState>,
+    User(user_id): User,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<StartBookingRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let idempotency_key = idempotency_key(&headers)?;
+    if req.schedule_id <= 0 {
+        return Err(ApiError::invalid(
+            "scheduleId",
+            "must be a positive integer",
+        ));
+    }
+    let schedule = state
+        .schedules
+        .get(req.schedule_id)
+        .await?
+        .ok_or(ApiError::ScheduleNotFound(req.schedule_id))?;
+    let requested: Vec<RequestedSeat> = req
+        .seats
+        .iter()
+        .map(|s| RequestedSeat {
+            row: s.row,
+            col: s.col,
+        })
+        .collect();
+    let seats = validate_seats(&schedule, &requested, state.limits.max_seats_per_booking)?;
+    let request = HoldRequest {
+        user_id,
+        schedule_id: schedule.id,
+        seats,
+        idempotency_key,
+    };
+    let result = state
+        .store
+        .hold_seats(request, state.limits.hold_seconds)
+        .await;
+    let label = match &result {
+        Ok(o) if o.replayed => "replayed",
+        Ok(_) => "held",
+        Err(crate::holds::HoldError::SeatsTaken(_)) => "seats_taken",
+        Err(_) => "refused",
+    };
+    metrics::counter!("seatsync_booking_starts_total", "outcome" => label).increment(1);
+    let outcome = result?;
+    Ok((
+        StatusCode::CREATED,
+        Json(BookingResponse::from(outcome.booking)),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/bookings/{id}", tag = "bookings",
+    params(("id" = Uuid, Path, description = "Booking id")),
+    security(("user" = [])),
+    responses(
+        (status = 200, body = BookingResponse),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_booking(
+    State(state): State<AppState>,
+    User(user_id): User,
+    BookingIdPath(id): BookingIdPath,
+) -> Result<Json<BookingResponse>, ApiError> {
+    Ok(Json(state.store.booking(user_id, id).await?.into()))
+}
+
+#[utoipa::path(post, path = "/api/bookings/{id}/confirm", tag = "bookings",
+    params(("id" = Uuid, Path, description = "Booking id")),
+    security(("user" = [])),
+    responses(
+        (status = 200, body = BookingResponse, description = "Confirmed (idempotent)"),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json", description = "booking_cancelled"),
+        (status = 410, body = Problem, content_type = "application/problem+json", description = "booking_expired"),
+    ))]
+pub async fn confirm_booking(
+    State(state): State<AppState>,
+    User(user_id): User,
+    BookingIdPath(id): BookingIdPath,
+) -> Result<Json<BookingResponse>, ApiError> {
+    let booking = state.store.confirm(user_id, id).await?;
+    metrics::counter!("seatsync_bookings_confirmed_total").increment(1);
+    Ok(Json(booking.into()))
+}
+
+#[utoipa::path(post, path = "/api/bookings/{id}/cancel", tag = "bookings",
+    params(("id" = Uuid, Path, description = "Booking id")),
+    security(("user" = [])),
+    responses(
+        (status = 200, body = BookingResponse, description = "Cancelled (idempotent)"),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json", description = "booking_confirmed"),
+        (status = 410, body = Problem, content_type = "application/problem+json", description = "booking_expired"),
+    ))]
+pub async fn cancel_booking(
+    State(state): State<AppState>,
+    User(user_id): User,
+    BookingIdPath(id): BookingIdPath,
+) -> Result<Json<BookingResponse>, ApiError> {
+    Ok(Json(state.store.cancel(user_id, id).await?.into()))
+}

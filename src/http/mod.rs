@@ -1,0 +1,91 @@
+//! The HTTP edge: thin handlers, one module per resource. Handlers parse,
+//! call the domain, and map errors once through [`crate::error::ApiError`].
+
+pub mod auth;
+pub mod bookings;
+pub mod events;
+pub mod extract;
+pub mod openapi;
+pub mod ops;
+pub mod page;
+pub mod schedules;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Request;
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use deadpool_postgres::Pool;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::TokenAuthority;
+use crate::error::ApiError;
+use crate::holds::SeatStore;
+use crate::realtime::event_log::EventLog;
+use crate::realtime::hub::ScheduleHubs;
+use crate::schedules::ScheduleCatalog;
+use extract::MAX_BODY_BYTES;
+
+/// Settings the handlers need, copied out of the configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub hold_seconds: u32,
+    pub max_seats_per_booking: u16,
+    pub heartbeat: Duration,
+    pub sse_max_connections: usize,
+    pub auth_guest: bool,
+}
+
+/// Everything a handler may touch. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn SeatStore>,
+    pub schedules: ScheduleCatalog,
+    pub tokens: TokenAuthority,
+    pub admin_token: Option<Arc<str>>,
+    pub limits: Arc<Limits>,
+    pub pool: Pool,
+    pub hubs: ScheduleHubs,
+    pub event_log: EventLog,
+    pub listener_ready: Arc<AtomicBool>,
+    pub sse_connections: Arc<AtomicUsize>,
+    pub shutdown: CancellationToken,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(ops::router())
+        .merge(auth::router())
+        .merge(page::router())
+        .merge(openapi::router())
+        .merge(schedules::router())
+        .merge(bookings::router())
+        .merge(events::router())
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(reject_large_bodies))
+        .with_state(state)
+}
+
+/// Refuses a declared oversized body before any handler runs, on every
+/// route. Bodies without a length are capped by [`extract::ApiJson`].
+async fn reject_large_bodies(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return ApiError::PayloadTooLarge {
+            limit: MAX_BODY_BYTES,
+        }
+        .into_response();
+    }
+    next.run(req).await
+}

@@ -1,0 +1,62 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use seatsync::config::{Cli, Command};
+use seatsync::startup::Application;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let message = e.to_string();
+            let first = message
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("seatsync: configuration error: {first}");
+            return ExitCode::from(2);
+        }
+    };
+    seatsync::telemetry::init();
+    if let Err(e) = cli.config.validate() {
+        eprintln!("seatsync: configuration error: {e}");
+        return ExitCode::from(2);
+    }
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Migrate => {
+            let Some(url) = cli.config.database_url.as_deref() else {
+                eprintln!("seatsync: configuration error: migrate needs DATABASE_URL");
+                return ExitCode::from(2);
+            };
+            match seatsync::db::migrate(url).await {
+                Ok(n) => {
+                    println!("seatsync: {n} migration(s) applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("seatsync: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve => {
+            let app = match Application::build(cli.config).await {
+                Ok(app) => app,
+                Err(e) => {
+                    eprintln!("seatsync: cannot start: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match app.run_until_stopped().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("seatsync: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

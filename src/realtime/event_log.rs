@@ -1,0 +1,90 @@
+//! Reads the seat event log that every seat-changing transaction appends to.
+
+use deadpool_postgres::Pool;
+use postgres_types::Json;
+
+use super::SeatEvent;
+use crate::db::{DbError, PgConn};
+use crate::holds::{Seat, SeatAction};
+
+const EVENTS_AFTER: &str = "SELECT event_id, action, seats FROM seat_events \
+     WHERE schedule_id = $1 AND event_id > $2 AND event_id <= $3 ORDER BY event_id LIMIT $4";
+const LAST_EVENT_ID: &str = "SELECT last_event_id FROM schedules WHERE id = $1";
+
+/// Events fetched per query while replaying.
+const PAGE: i64 = 500;
+
+/// A replay could not be completed from the log.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Events after the position were pruned: only a resync can help.
+    #[error("events after {0} are no longer retained")]
+    Pruned(i64),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+#[derive(Clone)]
+pub struct EventLog {
+    pool: Pool,
+}
+
+impl EventLog {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    /// The id of the schedule's newest event (0 when none); `None` if the
+    /// schedule does not exist.
+    pub async fn last_event_id(&self, schedule_id: i64) -> Result<Option<i64>, DbError> {
+        let client = PgConn::get(&self.pool).await?;
+        let stmt = client.prepare_cached(LAST_EVENT_ID).await?;
+        match client.query_opt(&stmt, &[&schedule_id]).await? {
+            Some(row) => Ok(Some(row.try_get(0)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every event with `after < id <= upto`, in order and without holes.
+    /// Ids are dense per schedule, so a hole means pruned events.
+    pub async fn replay(
+        &self,
+        schedule_id: i64,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<SeatEvent>, ReplayError> {
+        let client = PgConn::get(&self.pool).await?;
+        let stmt = client
+            .prepare_cached(EVENTS_AFTER)
+            .await
+            .map_err(DbError::from)?;
+        let mut out = Vec::new();
+        let mut pos = after;
+        while pos < upto {
+            let rows = client
+                .query(&stmt, &[&schedule_id, &pos, &upto, &PAGE])
+                .await
+                .map_err(DbError::from)?;
+            if rows.is_empty() {
+                return Err(ReplayError::Pruned(pos));
+            }
+            for row in rows {
+                let event_id: i64 = row.try_get(0).map_err(DbError::from)?;
+                if event_id != pos + 1 {
+                    return Err(ReplayError::Pruned(pos));
+                }
+                let action: String = row.try_get(1).map_err(DbError::from)?;
+                let Json(seats): Json<Vec<Seat>> = row.try_get(2).map_err(DbError::from)?;
+                out.push(SeatEvent {
+                    schedule_id,
+                    event_id,
+                    // The CHECK constraint allows nothing else.
+                    action: SeatAction::parse(&action).unwrap_or(SeatAction::Released),
+                    seats,
+                });
+                pos = event_id;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,152 @@
+//! One client's seat-event stream: replay what it missed, then go live,
+//! with no gap and no duplicate at the seam.
+//!
+//! The subscription to the schedule's channel is taken *before* the
+//! starting position is read from the database, so every event committed
+//! after that read arrives live; events at or below the position are
+//! dropped. Ids are dense per schedule, so a hole in the live sequence is
+//! seen at once and filled from the log.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::event_log::EventLog;
+use super::hub::{HubMessage, ScheduleHubs, Subscription};
+use super::{HEARTBEAT_FRAME, RESYNC_FRAME, RETRY_FRAME};
+
+/// Where a client asked to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// No `Last-Event-ID`: changes from the moment of subscription.
+    Live,
+    /// Replay everything after this id.
+    After(i64),
+    /// A `Last-Event-ID` that is not a number: resync, then live.
+    Invalid,
+}
+
+impl Resume {
+    pub fn parse(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            None => Resume::Live,
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if n >= 0 => Resume::After(n),
+                _ => Resume::Invalid,
+            },
+        }
+    }
+}
+
+/// What a stream needs besides its subscription.
+pub struct StreamContext {
+    pub log: EventLog,
+    pub hubs: ScheduleHubs,
+    pub heartbeat: Duration,
+    pub shutdown: CancellationToken,
+}
+
+/// Builds the byte stream. `newest` is the schedule's last event id, read
+/// after `sub` was taken. `guard` is dropped when the stream ends (it keeps
+/// the connection gauge honest).
+pub fn seat_event_stream<G: Send + 'static>(
+    ctx: StreamContext,
+    mut sub: Subscription,
+    resume: Resume,
+    newest: i64,
+    guard: G,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    async_stream::stream! {
+        let _guard = guard;
+        let schedule_id = sub.schedule_id();
+        // Before replaying: if the relay reconnects meanwhile, it then
+        // replays from here for us too.
+        ctx.hubs.register_position(schedule_id, newest);
+        yield Ok(Bytes::from_static(RETRY_FRAME));
+
+        // `pos`: the last event id this client has. `None` after a resync
+        // the relay could not repair: the next live event sets it.
+        let mut pos: Option<i64> = Some(newest);
+        match resume {
+            Resume::Live => {}
+            Resume::Invalid => yield Ok(Bytes::from_static(RESYNC_FRAME)),
+            Resume::After(n) if n > newest => yield Ok(Bytes::from_static(RESYNC_FRAME)),
+            Resume::After(n) => match ctx.log.replay(schedule_id, n, newest).await {
+                Ok(events) => {
+                    for e in events {
+                        yield Ok(e.to_frame().bytes);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(schedule_id, error = %e, "resume impossible; resync");
+                    yield Ok(Bytes::from_static(RESYNC_FRAME));
+                }
+            },
+        }
+
+        loop {
+            let message = tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => break,
+                m = tokio::time::timeout(ctx.heartbeat, sub.recv()) => m,
+            };
+            match message {
+                Err(_silent) => yield Ok(Bytes::from_static(HEARTBEAT_FRAME)),
+                Ok(Ok(HubMessage::Event(frame))) => {
+                    let expected = pos.map(|p| p + 1);
+                    match expected {
+                        Some(next) if frame.id < next => continue,
+                        Some(next) if frame.id > next => {
+                            // A hole: fill it from the log, or resync.
+                            match ctx.log.replay(schedule_id, next - 1, frame.id - 1).await {
+                                Ok(events) => {
+                                    for e in events {
+                                        yield Ok(e.to_frame().bytes);
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::debug!(schedule_id, error = %e, "gap not fillable; resync");
+                                    yield Ok(Bytes::from_static(RESYNC_FRAME));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                    pos = Some(frame.id);
+                    yield Ok(frame.bytes.clone());
+                }
+                Ok(Ok(HubMessage::Resync)) => {
+                    pos = None;
+                    yield Ok(Bytes::from_static(RESYNC_FRAME));
+                }
+                Ok(Err(RecvError::Lagged(missed))) => {
+                    // Too slow to keep up. Ending the stream bounds memory;
+                    // EventSource reconnects with Last-Event-ID and replays.
+                    metrics::counter!("seatsync_sse_lagged_total").increment(1);
+                    tracing::debug!(schedule_id, missed, "slow SSE client disconnected");
+                    break;
+                }
+                Ok(Err(RecvError::Closed)) => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_resume_positions() {
+        assert_eq!(Resume::parse(None), Resume::Live);
+        assert_eq!(Resume::parse(Some("42")), Resume::After(42));
+        assert_eq!(Resume::parse(Some(" 7 ")), Resume::After(7));
+        assert_eq!(Resume::parse(Some("-1")), Resume::Invalid);
+        assert_eq!(Resume::parse(Some("x")), Resume::Invalid);
+        assert_eq!(Resume::parse(Some("99999999999999999999")), Resume::Invalid);
+    }
+}

@@ -1,0 +1,195 @@
+//! Schedules: showings with their seat layout. A schedule never changes once
+//! created, so every replica caches the ones it has read.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use postgres_types::Json;
+
+use crate::db::{DbError, PgConn};
+use crate::holds::Seat;
+
+/// A showing and its grid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    pub id: i64,
+    pub title: String,
+    pub starts_at: DateTime<Utc>,
+    pub rows: i32,
+    pub cols: i32,
+    pub blocked: Vec<Seat>,
+}
+
+/// A schedule to create, as the admin sent it.
+#[derive(Debug, Clone)]
+pub struct NewSchedule {
+    pub title: String,
+    pub starts_at: DateTime<Utc>,
+    pub rows: i64,
+    pub cols: i64,
+    pub blocked: Vec<(i64, i64)>,
+}
+
+/// A schedule that cannot be created as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+pub const MAX_TITLE_CHARS: usize = 200;
+pub const MAX_GRID: i64 = 100;
+
+impl NewSchedule {
+    fn validate(&self) -> Result<Vec<Seat>, ScheduleError> {
+        let invalid = |field: String, reason: String| ScheduleError::Invalid { field, reason };
+        let title = self.title.trim();
+        if title.is_empty() {
+            return Err(invalid("title".into(), "must not be empty".into()));
+        }
+        if self.title.chars().count() > MAX_TITLE_CHARS {
+            return Err(invalid(
+                "title".into(),
+                format!("at most {MAX_TITLE_CHARS} characters"),
+            ));
+        }
+        if self.title.chars().any(char::is_control) {
+            return Err(invalid(
+                "title".into(),
+                "must not contain control characters".into(),
+            ));
+        }
+        for (name, v) in [("rows", self.rows), ("cols", self.cols)] {
+            if !(1..=MAX_GRID).contains(&v) {
+                return Err(invalid(
+                    name.into(),
+                    format!("must be in 1..={MAX_GRID}, got {v}"),
+                ));
+            }
+        }
+        let mut blocked = BTreeSet::new();
+        for (i, &(row, col)) in self.blocked.iter().enumerate() {
+            if !(1..=self.rows).contains(&row) {
+                return Err(invalid(
+                    format!("blocked[{i}].row"),
+                    format!("row {row} is outside 1..={}", self.rows),
+                ));
+            }
+            if !(1..=self.cols).contains(&col) {
+                return Err(invalid(
+                    format!("blocked[{i}].col"),
+                    format!("col {col} is outside 1..={}", self.cols),
+                ));
+            }
+            if !blocked.insert(Seat {
+                row: row as i16,
+                col: col as i16,
+            }) {
+                return Err(invalid(format!("blocked[{i}]"), "seat listed twice".into()));
+            }
+        }
+        Ok(blocked.into_iter().collect())
+    }
+}
+
+const INSERT_SCHEDULE: &str = "INSERT INTO schedules (title, starts_at, rows, cols, blocked) \
+     VALUES ($1, $2, $3, $4, $5) RETURNING id";
+const SELECT_SCHEDULE: &str =
+    "SELECT id, title, starts_at, rows, cols, blocked FROM schedules WHERE id = $1";
+const SELECT_SCHEDULES: &str =
+    "SELECT id, title, starts_at, rows, cols, blocked FROM schedules ORDER BY starts_at, id";
+
+/// Reads and creates schedules, caching them per replica.
+#[derive(Clone)]
+pub struct ScheduleCatalog {
+    pool: Pool,
+    cache: Arc<RwLock<HashMap<i64, Arc<Schedule>>>>,
+}
+
+impl ScheduleCatalog {
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            cache: Arc::default(),
+        }
+    }
+
+    pub async fn create(&self, new: NewSchedule) -> Result<Arc<Schedule>, ScheduleError> {
+        let blocked = new.validate()?;
+        let client = PgConn::get(&self.pool).await?;
+        let row = client
+            .query_one(
+                INSERT_SCHEDULE,
+                &[
+                    &new.title.trim(),
+                    &new.starts_at,
+                    &(new.rows as i32),
+                    &(new.cols as i32),
+                    &Json(&blocked),
+                ],
+            )
+            .await
+            .map_err(DbError::from)?;
+        let schedule = Arc::new(Schedule {
+            id: row.try_get(0).map_err(DbError::from)?,
+            title: new.title.trim().to_owned(),
+            starts_at: new.starts_at,
+            rows: new.rows as i32,
+            cols: new.cols as i32,
+            blocked,
+        });
+        self.remember(schedule.clone());
+        Ok(schedule)
+    }
+
+    /// The schedule, from the cache or the database; `None` if it does not exist.
+    pub async fn get(&self, id: i64) -> Result<Option<Arc<Schedule>>, DbError> {
+        if let Some(s) = self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            return Ok(Some(s.clone()));
+        }
+        let client = PgConn::get(&self.pool).await?;
+        let row = client.query_opt(SELECT_SCHEDULE, &[&id]).await?;
+        Ok(match row {
+            Some(row) => {
+                let s = Arc::new(from_row(&row)?);
+                self.remember(s.clone());
+                Some(s)
+            }
+            None => None,
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<Schedule>, DbError> {
+        let client = PgConn::get(&self.pool).await?;
+        let rows = client.query(SELECT_SCHEDULES, &[]).await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    fn remember(&self, s: Arc<Schedule>) {
+        self.cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(s.id, s);
+    }
+}
+
+fn from_row(row: &tokio_postgres::Row) -> Result<Schedule, DbError> {
+    let Json(blocked): Json<Vec<Seat>> = row.try_get(5)?;
+    Ok(Schedule {
+        id: row.try_get(0)?,
+        title: row.try_get(1)?,
+        starts_at: row.try_get(2)?,
+        rows: row.try_get(3)?,
+        cols: row.try_get(4)?,
+        blocked,
+    })
+}

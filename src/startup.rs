@@ -1,0 +1,258 @@
+//! Wires configuration -> pools -> listener -> router, and supervises the
+//! replica's background tasks until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chrono::{Duration as ChronoDuration, Utc};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use rand::RngExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::TokenAuthority;
+use crate::config::Config;
+use crate::db::{build_pool, migrate, DbError};
+use crate::embedded_pg::{EmbeddedError, EmbeddedPostgres};
+use crate::holds::postgres::PgSeatStore;
+use crate::holds::sweeper::run_sweeper;
+use crate::holds::SeatStore;
+use crate::http::{router, AppState, Limits};
+use crate::realtime::event_log::EventLog;
+use crate::realtime::hub::ScheduleHubs;
+use crate::realtime::listener::ListenerRelay;
+use crate::realtime::retention::run_pruner;
+use crate::schedules::{NewSchedule, ScheduleCatalog};
+
+/// Events a viewer may fall behind before it is cut off (see `ScheduleHubs`).
+const HUB_CAPACITY: usize = 1_024;
+/// After SIGTERM, how long in-flight requests get before the process exits
+/// anyway (the contract allows 10 s in all).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("embedded PostgreSQL: {0}")]
+    Embedded(#[from] EmbeddedError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A built replica: bound, migrated, connected, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    config: Config,
+    embedded: Option<EmbeddedPostgres>,
+    database_url: String,
+}
+
+fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
+
+fn random_secret() -> String {
+    let mut bytes = [0u8; 24];
+    rand::rng().fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Application {
+    pub async fn build(mut config: Config) -> Result<Self, StartupError> {
+        let mut embedded = None;
+        let database_url = match &config.database_url {
+            Some(url) => url.clone(),
+            None => {
+                let pg = EmbeddedPostgres::start(&config.data_dir, config.embedded_pg_port).await?;
+                tracing::info!(url = %pg.url, "embedded PostgreSQL running");
+                let url = pg.url.clone();
+                embedded = Some(pg);
+                // Development only: fresh secrets each run, printed below.
+                config.auth_secret.get_or_insert_with(random_secret);
+                config.admin_token.get_or_insert_with(random_secret);
+                url
+            }
+        };
+        let applied = migrate(&database_url).await?;
+        if applied > 0 {
+            tracing::info!(applied, "migrations applied");
+        }
+        let pool = build_pool(&database_url, config.db_pool_size as usize)?;
+
+        let addr = SocketAddr::new(config.host, config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartupError::Bind { addr, source })?;
+
+        let secret = config.auth_secret.clone().unwrap_or_default();
+        let state = AppState {
+            store: Arc::new(PgSeatStore::new(pool.clone())) as Arc<dyn SeatStore>,
+            schedules: ScheduleCatalog::new(pool.clone()),
+            tokens: TokenAuthority::new(secret.as_bytes(), config.token_ttl_seconds),
+            admin_token: config.admin_token.as_deref().map(Arc::from),
+            limits: Arc::new(Limits {
+                hold_seconds: config.hold_seconds,
+                max_seats_per_booking: config.max_seats_per_booking,
+                heartbeat: config.heartbeat(),
+                sse_max_connections: config.sse_max_connections as usize,
+                auth_guest: config.auth_guest,
+            }),
+            pool: pool.clone(),
+            hubs: ScheduleHubs::new(HUB_CAPACITY),
+            event_log: EventLog::new(pool),
+            listener_ready: Arc::new(AtomicBool::new(false)),
+            sse_connections: Arc::new(AtomicUsize::new(0)),
+            shutdown: CancellationToken::new(),
+            metrics: metrics_handle(),
+        };
+        if state.admin_token.is_none() {
+            tracing::warn!("ADMIN_TOKEN is not set: schedule creation is disabled");
+        }
+        Ok(Self {
+            listener,
+            state,
+            config,
+            embedded,
+            database_url,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then shuts down gracefully.
+    pub async fn run_until_stopped(self) -> Result<(), StartupError> {
+        let Application {
+            listener,
+            state,
+            config,
+            embedded,
+            database_url,
+        } = self;
+        let shutdown = state.shutdown.clone();
+        let addr = listener.local_addr().map_err(StartupError::Serve)?;
+
+        if embedded.is_some() {
+            let demo = ensure_demo_schedule(&state).await;
+            let host = if addr.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                addr.ip().to_string()
+            };
+            println!("seatsync (development mode, embedded PostgreSQL at {database_url})");
+            if let Some(id) = demo {
+                println!(
+                    "  seat map:    http://{host}:{}/schedules/{id}",
+                    addr.port()
+                );
+            }
+            println!(
+                "  admin token: {}",
+                config.admin_token.as_deref().unwrap_or("")
+            );
+        }
+        // Tests and scripts read this line to find the port.
+        println!("seatsync listening on http://{addr}");
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(run_sweeper(
+            state.store.clone(),
+            config.sweep_interval(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(run_pruner(
+            state.pool.clone(),
+            config.event_retention_seconds,
+            shutdown.clone(),
+        ));
+        let listen_url = config.listen_database_url.clone().unwrap_or(database_url);
+        tasks.spawn(
+            ListenerRelay::new(
+                listen_url,
+                state.hubs.clone(),
+                state.event_log.clone(),
+                state.listener_ready.clone(),
+                shutdown.clone(),
+            )
+            .run(),
+        );
+
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown_signal().await;
+                tracing::info!("shutdown requested: not ready, ending streams, finishing requests");
+                shutdown.cancel();
+            }
+        });
+
+        let app = router(state);
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let server = tokio::spawn(async move { server.await });
+
+        shutdown.cancelled().await;
+        match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
+            Err(_) => tracing::warn!("in-flight requests did not finish in time; exiting anyway"),
+            _ => {}
+        }
+        tasks.shutdown().await;
+        if let Some(pg) = embedded {
+            pg.stop().await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// A showing to click on in development mode, created once.
+async fn ensure_demo_schedule(state: &AppState) -> Option<i64> {
+    let existing = state.schedules.list().await.ok()?;
+    if let Some(s) = existing.first() {
+        return Some(s.id);
+    }
+    let demo = NewSchedule {
+        title: "Demo: The Nutcracker".into(),
+        starts_at: Utc::now() + ChronoDuration::days(30),
+        rows: 10,
+        cols: 20,
+        blocked: vec![(1, 1), (1, 20)],
+    };
+    state.schedules.create(demo).await.ok().map(|s| s.id)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
