@@ -29,6 +29,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// driver stops reading and PostgreSQL queues for us, so memory stays bounded.
 const NOTIFICATION_BUFFER: usize = 4_096;
 
+pub const LISTENER_APPLICATION_NAME: &str = "seatsync-listener";
+
 /// Relays committed seat events from PostgreSQL to this replica's hubs.
 pub struct ListenerRelay {
     url: String,
@@ -83,7 +85,9 @@ impl ListenerRelay {
     }
 
     async fn session(&self, backoff: &mut Duration) -> Result<(), DbError> {
-        let cfg = pg_config(&self.url)?;
+        let mut cfg = pg_config(&self.url)?;
+        // Named, so operators (and fault tests) can find it in pg_stat_activity.
+        cfg.application_name(LISTENER_APPLICATION_NAME);
         let (client, mut connection) = cfg.connect(NoTls).await?;
         let (tx, mut notifications) = mpsc::channel::<Notification>(NOTIFICATION_BUFFER);
         let driver = tokio::spawn(async move {

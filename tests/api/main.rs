@@ -1,0 +1,9 @@
+//! Integration tests: real PostgreSQL, real replica processes, real HTTP and
+//! SSE. Each test creates its own database and drops it afterwards.
+//!
+//! PostgreSQL is reached through `SEATSYNC_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); `deploy/test.sh` makes
+//! sure one is running.
+
+mod helpers;
+mod smoke;
