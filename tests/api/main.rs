@@ -7,3 +7,12 @@
 
 mod helpers;
 mod smoke;
+mod bookings;
+mod bad_inputs;
+mod config;
+mod concurrency;
+mod expiry;
+mod hold_invariant;
+mod realtime;
+mod listener_failure;
+mod lifecycle;
