@@ -9,7 +9,7 @@ use tokio_postgres::NoTls;
 refinery::embed_migrations!("sql");
 
 /// Taken around migrations so replicas that start together apply them once.
-const MIGRATION_LOCK_KEY: i64 = 0x5ea7_5c_00;
+const MIGRATION_LOCK_KEY: i64 = 0x5ea7_5c00;
 const LOCK_MIGRATIONS: &str = "SELECT pg_advisory_lock($1)";
 const UNLOCK_MIGRATIONS: &str = "SELECT pg_advisory_unlock($1)";
 
