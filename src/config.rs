@@ -112,6 +112,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
     pub sse_max_connections: u32,
 
+    /// Events a seat-stream subscriber may fall behind the live feed before
+    /// it is cut off (it then reconnects with Last-Event-ID and replays from
+    /// the log). Bounds the memory a slow viewer can pin.
+    #[arg(long, env = "SSE_CLIENT_BUFFER", default_value_t = 1_024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    pub sse_client_buffer: u32,
+
+    /// Seconds that data sent to a client may stay unacknowledged (a client
+    /// that stopped reading, or vanished) before its connection is dropped.
+    /// Frees the SSE stream such a client holds.
+    #[arg(long, env = "CLIENT_WRITE_TIMEOUT_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=3_600), global = true)]
+    pub client_write_timeout_seconds: u32,
+
     /// Where the embedded development cluster keeps its data.
     #[arg(
         long,
@@ -145,11 +159,13 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Checks what clap cannot: relations between settings.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks what clap cannot: relations between settings. `serving` is
+    /// false for `seatsync migrate`, which needs only the database: a
+    /// migration job should not have to be handed the token secret.
+    pub fn validate(&self, serving: bool) -> Result<(), ConfigError> {
         if let Some(url) = &self.database_url {
             check_pg_url("DATABASE_URL", url)?;
-            if self.auth_secret.is_none() {
+            if serving && self.auth_secret.is_none() {
                 return Err(ConfigError::MissingAuthSecret);
             }
         }
@@ -169,6 +185,10 @@ impl Config {
         Duration::from_secs(self.heartbeat_seconds.into())
     }
 
+    pub fn client_write_timeout(&self) -> Duration {
+        Duration::from_secs(self.client_write_timeout_seconds.into())
+    }
+
     pub fn sweep_interval(&self) -> Duration {
         Duration::from_millis(self.sweep_interval_ms.into())
     }
@@ -179,6 +199,11 @@ fn check_pg_url(name: &'static str, url: &str) -> Result<(), ConfigError> {
         .map(|_| ())
         .map_err(|e| ConfigError::BadDatabaseUrl {
             name,
-            reason: e.to_string(),
+            // The cause says what is wrong ("invalid port"); never the URL
+            // itself, which may hold a password.
+            reason: match std::error::Error::source(&e) {
+                Some(cause) => format!("{e}: {cause}"),
+                None => e.to_string(),
+            },
         })
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use chrono::{Duration as ChronoDuration, Utc};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rand::RngExt;
@@ -27,8 +28,6 @@ use crate::realtime::listener::ListenerRelay;
 use crate::realtime::retention::run_pruner;
 use crate::schedules::{NewSchedule, ScheduleCatalog};
 
-/// Events a viewer may fall behind before it is cut off (see `ScheduleHubs`).
-const HUB_CAPACITY: usize = 1_024;
 /// After SIGTERM, how long in-flight requests get before the process exits
 /// anyway (the contract allows 10 s in all).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
@@ -37,6 +36,12 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 pub enum StartupError {
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The first contact with the database: most often a wrong setting.
+    #[error("cannot migrate the database at {setting}: {source}")]
+    Migrate {
+        setting: &'static str,
+        source: DbError,
+    },
     #[error("embedded PostgreSQL: {0}")]
     Embedded(#[from] EmbeddedError),
     #[error("cannot bind {addr}: {source}")]
@@ -86,7 +91,16 @@ impl Application {
                 url
             }
         };
-        let applied = migrate(&database_url).await?;
+        let applied = migrate(&database_url)
+            .await
+            .map_err(|source| StartupError::Migrate {
+                setting: if embedded.is_some() {
+                    "the embedded cluster"
+                } else {
+                    "DATABASE_URL"
+                },
+                source,
+            })?;
         if applied > 0 {
             tracing::info!(applied, "migrations applied");
         }
@@ -111,7 +125,8 @@ impl Application {
                 auth_guest: config.auth_guest,
             }),
             pool: pool.clone(),
-            hubs: ScheduleHubs::new(HUB_CAPACITY),
+            // Events a viewer may fall behind before it is cut off (see `ScheduleHubs`).
+            hubs: ScheduleHubs::new(config.sse_client_buffer as usize),
             event_log: EventLog::new(pool),
             listener_ready: Arc::new(AtomicBool::new(false)),
             sse_connections: Arc::new(AtomicUsize::new(0)),
@@ -201,6 +216,12 @@ impl Application {
         });
 
         let app = router(state);
+        let write_timeout = config.client_write_timeout();
+        let listener = listener.tap_io(move |tcp| {
+            if let Err(e) = limit_unacknowledged(tcp, write_timeout) {
+                tracing::warn!(error = %e, "cannot set TCP_USER_TIMEOUT on a client connection");
+            }
+        });
         let server =
             axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
@@ -218,6 +239,22 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Drops a client connection whose sent data stays unacknowledged for
+/// `timeout`: a client that stopped reading (zero window; Linux 5.11+) or
+/// vanished. Nothing else can end such a connection's SSE stream: once the
+/// socket is full, hyper never polls the stream again, so it can neither
+/// notice that it lags nor fail a heartbeat write, and it would hold its
+/// connection slot (and up to the socket's send buffer) forever.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn limit_unacknowledged(tcp: &mut tokio::net::TcpStream, timeout: Duration) -> std::io::Result<()> {
+    socket2::SockRef::from(&*tcp).set_tcp_user_timeout(Some(timeout))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn limit_unacknowledged(_: &mut tokio::net::TcpStream, _: Duration) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// A showing to click on in development mode, created once.

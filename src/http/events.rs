@@ -80,12 +80,31 @@ pub async fn seat_stream(
         .ok_or(ApiError::TooManyStreams)?;
     // Subscribe before reading the position: nothing committed after the
     // read can be missed.
+    let generation = state.hubs.generation();
     let sub = state.hubs.subscribe(id);
-    let newest = state
+    let mut resume = resume;
+    let mut newest = state
         .event_log
         .last_event_id(id)
         .await?
         .ok_or(ApiError::ScheduleNotFound(id))?;
+    // At once, not when the stream is first polled: if the listener
+    // reconnects later, its gap replay covers this client too.
+    state.hubs.register_position(id, newest);
+    if state.hubs.generation() != generation {
+        // The listener reconnected while we subscribed, and its gap replay
+        // may have run before we registered: events committed while it was
+        // down were never notified. Replay up to now ourselves.
+        let now = state
+            .event_log
+            .last_event_id(id)
+            .await?
+            .ok_or(ApiError::ScheduleNotFound(id))?;
+        if resume == Resume::Live {
+            resume = Resume::After(newest);
+        }
+        newest = now;
+    }
 
     let ctx = StreamContext {
         log: state.event_log.clone(),

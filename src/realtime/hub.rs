@@ -1,6 +1,7 @@
 //! A broadcast channel per schedule that has viewers on this replica.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
@@ -34,6 +35,9 @@ pub struct ScheduleHubs {
     /// client reconnects with `Last-Event-ID` and replays from the log, so
     /// this bounds memory without losing anything.
     capacity: usize,
+    /// Bumped each time the listener (re)connects, before it replays gaps:
+    /// a stream that sees it change while subscribing replays for itself.
+    generation: Arc<AtomicU64>,
 }
 
 impl ScheduleHubs {
@@ -41,7 +45,17 @@ impl ScheduleHubs {
         Self {
             inner: Arc::default(),
             capacity,
+            generation: Arc::default(),
         }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Called by the listener once LISTEN is in place, before it replays.
+    pub fn begin_generation(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<i64, HubEntry>> {

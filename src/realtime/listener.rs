@@ -115,6 +115,7 @@ impl ListenerRelay {
             .await?;
         // Everything committed while we were not listening is in the log:
         // replay it to the schedules that have viewers before going live.
+        self.hubs.begin_generation();
         self.close_gaps().await;
         self.set_ready(true);
         *backoff = BACKOFF_MIN;
@@ -160,9 +161,7 @@ impl ListenerRelay {
             let Some(from) = low_water else { continue };
             let result = async {
                 let upto = self.log.last_event_id(schedule_id).await?.unwrap_or(from);
-                Ok::<_, super::event_log::ReplayError>(
-                    self.log.replay(schedule_id, from, upto).await?,
-                )
+                self.log.replay(schedule_id, from, upto).await
             }
             .await;
             match result {

@@ -51,7 +51,7 @@ pub struct StreamContext {
 }
 
 /// Builds the byte stream. `newest` is the schedule's last event id, read
-/// after `sub` was taken. `guard` is dropped when the stream ends (it keeps
+/// after `sub` was taken and already registered with the hub. `guard` is dropped when the stream ends (it keeps
 /// the connection gauge honest).
 pub fn seat_event_stream<G: Send + 'static>(
     ctx: StreamContext,
@@ -63,9 +63,6 @@ pub fn seat_event_stream<G: Send + 'static>(
     async_stream::stream! {
         let _guard = guard;
         let schedule_id = sub.schedule_id();
-        // Before replaying: if the relay reconnects meanwhile, it then
-        // replays from here for us too.
-        ctx.hubs.register_position(schedule_id, newest);
         yield Ok(Bytes::from_static(RETRY_FRAME));
 
         // `pos`: the last event id this client has. `None` after a resync

@@ -198,6 +198,8 @@ impl Replica {
             .env("HOST", "127.0.0.1")
             .env("PORT", "0")
             .env("SWEEP_INTERVAL_MS", "200")
+            // Small pools: parallel tests share one server's max_connections.
+            .env("DB_POOL_SIZE", "6")
             .env(
                 "RUST_LOG",
                 std::env::var("SEATSYNC_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -409,7 +411,7 @@ impl Replica {
             .unwrap();
         text.lines()
             .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split(|c| c == ' ' || c == '{').next() == Some(name))
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -628,6 +630,354 @@ pub fn apply(map: &mut BTreeMap<(i64, i64), String>, action: &str, seats: &[(i64
             a => {
                 map.insert(*s, a.to_owned());
             }
+        }
+    }
+}
+
+// ---- Seat-event log and booking-response helpers (concurrency, expiry, hold_invariant) ----
+
+/// A seat event, as the log and the stream carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub id: i64,
+    pub action: String,
+    pub seats: std::collections::BTreeSet<(i64, i64)>,
+}
+
+impl TestDb {
+    /// The `seat_events` rows of a schedule in id order, read from the table.
+    pub async fn logged_seat_events(&self, schedule: i64) -> Vec<LoggedEvent> {
+        let c = self.client().await;
+        let rows = c
+            .query(
+                "SELECT event_id, action, seats FROM seat_events WHERE schedule_id = $1 ORDER BY event_id",
+                &[&schedule],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| LoggedEvent {
+                id: r.get(0),
+                action: r.get(1),
+                seats: seat_set(&r.get::<_, Value>(2)),
+            })
+            .collect()
+    }
+}
+
+impl Replica {
+    /// Every event after `after` up to and including `until`, read from the
+    /// SSE stream resumed with `Last-Event-ID: after`. Fails on a resync, a
+    /// gap or a duplicate.
+    pub async fn replay_events(&self, schedule: i64, after: i64, until: i64) -> Vec<LoggedEvent> {
+        let mut sse = self.stream(schedule, Some(&after.to_string())).await;
+        assert_eq!(sse.status, 200);
+        let mut out: Vec<LoggedEvent> = Vec::new();
+        let mut last = after;
+        while last < until {
+            match sse.next_event(Duration::from_secs(10)).await {
+                Some(SseFrame::Event { id, action, seats }) => {
+                    assert_eq!(id, last + 1, "event ids must be dense and ordered");
+                    last = id;
+                    out.push(LoggedEvent {
+                        id,
+                        action,
+                        seats: seats.into_iter().collect(),
+                    });
+                }
+                other => panic!("replaying {after}..={until}: got {other:?} after id {last}"),
+            }
+        }
+        out
+    }
+}
+
+/// A JSON seat list as a set of (row, col).
+pub fn seat_set(v: &Value) -> std::collections::BTreeSet<(i64, i64)> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a seat list: {v}"))
+        .iter()
+        .map(|s| (s["row"].as_i64().unwrap(), s["col"].as_i64().unwrap()))
+        .collect()
+}
+
+/// An RFC 3339 timestamp from a response.
+pub fn timestamp(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}")))
+        .unwrap_or_else(|e| panic!("not RFC 3339: {v}: {e}"))
+        .with_timezone(&chrono::Utc)
+}
+
+/// The seat map that `events` produce from an empty one.
+pub fn replayed_map(events: &[LoggedEvent]) -> BTreeMap<(i64, i64), String> {
+    let mut map = BTreeMap::new();
+    for e in events {
+        let seats: Vec<(i64, i64)> = e.seats.iter().copied().collect();
+        apply(&mut map, &e.action, &seats);
+    }
+    map
+}
+
+// ---- SSE helpers (realtime, listener_failure, lifecycle) ----
+
+/// Parses one SSE block (the text up to and including its blank line), for
+/// tests that read a stream themselves.
+pub fn parse_sse_block(block: &str) -> Option<SseFrame> {
+    parse_block(block)
+}
+
+/// The frame with its seats sorted: seat lists have no guaranteed order.
+pub fn sorted_frame(frame: SseFrame) -> SseFrame {
+    match frame {
+        SseFrame::Event {
+            id,
+            action,
+            mut seats,
+        } => {
+            seats.sort();
+            SseFrame::Event { id, action, seats }
+        }
+        other => other,
+    }
+}
+
+impl SseClient {
+    /// Event and resync frames (seats sorted; comments and `retry:` skipped)
+    /// until an event with id >= `upto` arrives. Panics with what it has
+    /// seen if the stream ends or `timeout` passes first.
+    pub async fn frames_until(&mut self, upto: i64, timeout: Duration) -> Vec<SseFrame> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event(left).await {
+                Some(f) => {
+                    let done = matches!(f, SseFrame::Event { id, .. } if id >= upto);
+                    seen.push(sorted_frame(f));
+                    if done {
+                        return seen;
+                    }
+                }
+                None => panic!("no event {upto} within {timeout:?}; saw {seen:?}"),
+            }
+        }
+    }
+}
+
+impl Replica {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The `/readyz` status, or None when the replica does not answer.
+    pub async fn ready_status(&self) -> Option<u16> {
+        self.http
+            .get(self.url("/readyz"))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    }
+}
+
+impl Replica {
+    /// Opens the seat stream, asserting 200 and the opening `retry: 3000`
+    /// (after which the client misses nothing).
+    pub async fn subscribe(&self, schedule: i64, last_event_id: Option<&str>) -> SseClient {
+        let mut sse = self.stream(schedule, last_event_id).await;
+        assert_eq!(sse.status, 200, "stream of schedule {schedule}");
+        assert_eq!(
+            sse.next(Duration::from_secs(5)).await,
+            Some(SseFrame::Retry(3000)),
+            "a stream opens with retry: 3000"
+        );
+        sse
+    }
+
+    /// Like [`Replica::subscribe`], resuming with `?lastEventId=` and
+    /// optionally a `Last-Event-ID` header as well.
+    pub async fn subscribe_query(
+        &self,
+        schedule: i64,
+        query: &str,
+        header: Option<&str>,
+    ) -> SseClient {
+        let url = self.url(&format!(
+            "/api/schedules/{schedule}/seats/stream?lastEventId={query}"
+        ));
+        let mut sse = SseClient::connect(&url, header).await;
+        assert_eq!(sse.status, 200, "stream of schedule {schedule}");
+        assert_eq!(
+            sse.next(Duration::from_secs(5)).await,
+            Some(SseFrame::Retry(3000)),
+            "a stream opens with retry: 3000"
+        );
+        sse
+    }
+}
+
+/// A client that keeps a seat map the way the page does: snapshot plus the
+/// events after it, checking that ids are dense (no gap, no duplicate).
+pub struct SeatMapClient {
+    pub name: String,
+    pub schedule: i64,
+    pub sse: SseClient,
+    pub map: BTreeMap<(i64, i64), String>,
+    /// Every event up to here is reflected in `map`.
+    pub applied_upto: i64,
+    /// The id of the last event received, None until the first one after
+    /// subscribing live or after a resync.
+    pub last_id: Option<i64>,
+    pub resyncs: usize,
+    pub events: usize,
+}
+
+impl SeatMapClient {
+    /// Snapshot (from `snap`) first, then the stream (from `streamer`)
+    /// resumed at the snapshot's lastEventId.
+    pub async fn snapshot_then_stream(
+        name: &str,
+        snap: &Replica,
+        streamer: &Replica,
+        schedule: i64,
+    ) -> Self {
+        let (last, map) = snap.snapshot(schedule).await;
+        let sse = streamer.subscribe(schedule, Some(&last.to_string())).await;
+        SeatMapClient {
+            name: name.into(),
+            schedule,
+            sse,
+            map,
+            applied_upto: last,
+            last_id: Some(last),
+            resyncs: 0,
+            events: 0,
+        }
+    }
+
+    /// The stream first (live, no Last-Event-ID), then the snapshot: events
+    /// at or below its lastEventId are already in it.
+    pub async fn stream_then_snapshot(
+        name: &str,
+        snap: &Replica,
+        streamer: &Replica,
+        schedule: i64,
+    ) -> Self {
+        let sse = streamer.subscribe(schedule, None).await;
+        let (last, map) = snap.snapshot(schedule).await;
+        SeatMapClient {
+            name: name.into(),
+            schedule,
+            sse,
+            map,
+            applied_upto: last,
+            last_id: None,
+            resyncs: 0,
+            events: 0,
+        }
+    }
+
+    /// Reconnects to `streamer` with the last event id it has, as
+    /// EventSource does.
+    pub async fn reconnect(&mut self, streamer: &Replica) {
+        let last = self.applied_upto.to_string();
+        self.sse = streamer.subscribe(self.schedule, Some(&last)).await;
+        self.last_id = Some(self.applied_upto);
+    }
+
+    /// Applies one frame. A resync reloads the snapshot from `resync_from`;
+    /// without one a resync is a failure.
+    pub async fn apply_frame(&mut self, frame: SseFrame, resync_from: Option<&Replica>) {
+        match frame {
+            SseFrame::Event { id, action, seats } => {
+                match self.last_id {
+                    Some(last) => assert_eq!(
+                        id,
+                        last + 1,
+                        "{}: event {id} after {last}: a gap or a duplicate",
+                        self.name
+                    ),
+                    // Subscribed before the snapshot was taken: nothing after
+                    // the snapshot may be missing.
+                    None => assert!(
+                        id <= self.applied_upto + 1,
+                        "{}: first event {id}, but the snapshot is at {}",
+                        self.name,
+                        self.applied_upto
+                    ),
+                }
+                self.last_id = Some(id);
+                self.events += 1;
+                if id > self.applied_upto {
+                    apply(&mut self.map, &action, &seats);
+                    self.applied_upto = id;
+                }
+            }
+            SseFrame::Resync => {
+                let Some(r) = resync_from else {
+                    panic!("{}: unexpected resync", self.name);
+                };
+                self.resyncs += 1;
+                let (last, map) = r.snapshot(self.schedule).await;
+                self.map = map;
+                self.applied_upto = last;
+                self.last_id = None;
+            }
+            SseFrame::Comment | SseFrame::Retry(_) => {}
+        }
+    }
+
+    /// Reads until the map reflects event `upto`; panics at the deadline.
+    pub async fn catch_up(&mut self, upto: i64, timeout: Duration, resync_from: Option<&Replica>) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.applied_upto < upto {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.sse.next_event(left).await {
+                Some(f) => self.apply_frame(f, resync_from).await,
+                None => panic!(
+                    "{}: stuck at event {} (want {upto}) after {timeout:?}",
+                    self.name, self.applied_upto
+                ),
+            }
+        }
+    }
+}
+
+/// Makes one seat event per `step`: a hold of two fresh seats, then the
+/// confirm (every third step) or the cancel of that hold. Needs a grid of
+/// at least 10 x 20; seats stay distinct for the first 100 steps.
+#[derive(Default)]
+pub struct ChangeScript {
+    n: i64,
+    pending: Option<(String, String)>,
+}
+
+impl ChangeScript {
+    pub fn new() -> Self {
+        ChangeScript {
+            n: 0,
+            pending: None,
+        }
+    }
+
+    pub async fn step(&mut self, r: &Replica, schedule: i64) {
+        self.n += 1;
+        match self.pending.take() {
+            None => {
+                let token = r.guest().await;
+                let (row, col) = (1 + self.n % 10, 1 + 2 * ((self.n / 10) % 10));
+                let resp = r
+                    .start(&token, schedule, &[(row, col), (row, col + 1)])
+                    .await;
+                assert_eq!(resp.status, 201, "{}", resp.body);
+                self.pending = Some((token, resp.booking_id()));
+            }
+            Some((token, id)) if self.n % 3 == 0 => {
+                assert_eq!(r.confirm(&token, &id).await.status, 200)
+            }
+            Some((token, id)) => assert_eq!(r.cancel(&token, &id).await.status, 200),
         }
     }
 }

@@ -1,1 +1,544 @@
-//! (being written)
+//! The life of a stream: resources freed when clients go, the connection
+//! cap, graceful shutdown with hand-over to another replica, and clients
+//! that stop reading.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::helpers::*;
+
+fn stream_path(schedule: i64) -> String {
+    format!("/api/schedules/{schedule}/seats/stream")
+}
+
+async fn wait_metric(r: &Replica, name: &str, want: f64, timeout: Duration) -> Duration {
+    let t = Instant::now();
+    wait_for(&format!("{name} == {want}"), timeout, || async {
+        (r.metric(name).await == want).then_some(())
+    })
+    .await;
+    t.elapsed()
+}
+
+#[tokio::test]
+async fn closed_clients_free_their_stream_and_channel() {
+    let db = TestDb::create().await;
+    let r = Replica::spawn(&db, ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1)).await;
+    let s1 = r.create_schedule(10, 20, &[]).await;
+    let s2 = r.create_schedule(10, 20, &[]).await;
+    let base = r.metric("seatsync_sse_connections").await;
+    assert_eq!(r.metric("seatsync_sse_channels").await, 0.0);
+
+    let a1 = r.subscribe(s1, None).await;
+    let a2 = r.subscribe(s1, Some("0")).await;
+    let b1 = r.subscribe(s2, None).await;
+    // A raw client that vanishes without a word (RST, no FIN).
+    let raw = raw_stream(&r, s2, false).await;
+    wait_metric(
+        &r,
+        "seatsync_sse_connections",
+        base + 4.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(r.metric("seatsync_sse_channels").await, 2.0);
+
+    // Closing both of s1's clients drops its channel, not s2's.
+    a1.close();
+    drop(a2);
+    let t1 = wait_metric(
+        &r,
+        "seatsync_sse_connections",
+        base + 2.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_metric(&r, "seatsync_sse_channels", 1.0, Duration::from_secs(5)).await;
+
+    b1.close();
+    raw.set_zero_linger().unwrap();
+    drop(raw);
+    let t2 = wait_metric(&r, "seatsync_sse_connections", base, Duration::from_secs(5)).await;
+    wait_metric(&r, "seatsync_sse_channels", 0.0, Duration::from_secs(5)).await;
+    println!("closed streams released after {t1:?} and {t2:?}");
+
+    // And the replica still streams afterwards.
+    let mut again = r.subscribe(s1, None).await;
+    let mut changes = ChangeScript::new();
+    changes.step(&r, s1).await;
+    assert!(matches!(
+        again.next_event(Duration::from_secs(5)).await,
+        Some(SseFrame::Event { id: 1, .. })
+    ));
+}
+
+#[tokio::test]
+async fn connection_cap_refuses_with_503_and_retry_after_then_admits_again() {
+    let db = TestDb::create().await;
+    let r = Replica::spawn(
+        &db,
+        ReplicaOpts::default()
+            .with("SSE_MAX_CONNECTIONS", 2)
+            .with("HEARTBEAT_SECONDS", 1),
+    )
+    .await;
+    let s1 = r.create_schedule(10, 20, &[]).await;
+    let s2 = r.create_schedule(10, 20, &[]).await;
+    let first = r.subscribe(s1, None).await;
+    let mut second = r.subscribe(s2, None).await;
+
+    for (schedule, header) in [(s1, None), (s2, Some("0")), (s1, Some("x"))] {
+        let headers: Vec<(&str, &str)> = header.map(|h| ("Last-Event-ID", h)).into_iter().collect();
+        let resp = r
+            .request(
+                reqwest::Method::GET,
+                &stream_path(schedule),
+                None,
+                None,
+                &headers,
+            )
+            .await;
+        resp.assert_problem(503, "too_many_streams");
+        let retry_after = resp
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(
+            retry_after.is_some(),
+            "503 without a numeric Retry-After: {:?}",
+            resp.headers
+        );
+    }
+    // Refusals hold no slot, and other endpoints are not capped.
+    assert_eq!(r.metric("seatsync_sse_connections").await, 2.0);
+    assert_eq!(r.get("/api/schedules", None).await.status, 200);
+    // An unknown schedule (404, or 503 at the cap: either error may win)
+    // takes no slot either.
+    let resp = r.get(&stream_path(999_999), None).await;
+    assert!(resp.status == 404 || resp.status == 503, "{}", resp.status);
+    assert_eq!(r.metric("seatsync_sse_connections").await, 2.0);
+
+    first.close();
+    let freed = wait_metric(&r, "seatsync_sse_connections", 1.0, Duration::from_secs(5)).await;
+    let mut third = r.subscribe(s1, None).await;
+    println!("slot freed {freed:?} after the client left");
+    let resp = r.get(&stream_path(s2), None).await;
+    resp.assert_problem(503, "too_many_streams");
+
+    // Both admitted streams work.
+    ChangeScript::new().step(&r, s1).await;
+    ChangeScript::new().step(&r, s2).await;
+    for sse in [&mut third, &mut second] {
+        assert!(matches!(
+            sse.next_event(Duration::from_secs(5)).await,
+            Some(SseFrame::Event { id: 1, .. })
+        ));
+    }
+}
+
+/// How a stream read with reqwest ended.
+#[derive(Debug, PartialEq)]
+enum End {
+    /// The server finished the body (the terminating chunk arrived).
+    Clean,
+    /// The connection broke mid-body.
+    Broken(String),
+}
+
+/// A reqwest-read stream that reports frames and how it ended.
+async fn tracked_stream(
+    r: &Replica,
+    schedule: i64,
+    last_event_id: Option<&str>,
+) -> (
+    mpsc::UnboundedReceiver<SseFrame>,
+    tokio::task::JoinHandle<End>,
+) {
+    let mut req = reqwest::Client::new().get(r.url(&stream_path(schedule)));
+    if let Some(id) = last_event_id {
+        req = req.header("Last-Event-ID", id);
+    }
+    let resp = req.send().await.expect("stream");
+    assert_eq!(resp.status(), 200);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        loop {
+            match body.next().await {
+                None => return End::Clean,
+                Some(Err(e)) => return End::Broken(format!("{e:?}")),
+                Some(Ok(chunk)) => {
+                    buf.push_str(&String::from_utf8_lossy(&chunk));
+                    while let Some(end) = buf.find("\n\n") {
+                        let block: String = buf.drain(..end + 2).collect();
+                        if let Some(f) = parse_sse_block(&block) {
+                            let _ = tx.send(f);
+                        }
+                    }
+                }
+            }
+        }
+    });
+    (rx, task)
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_cleanly_and_clients_resume_elsewhere_missing_nothing() {
+    let db = TestDb::create().await;
+    let opts = ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1);
+    let (mut a, b) = tokio::join!(Replica::spawn(&db, opts.clone()), Replica::spawn(&db, opts));
+    let schedule = a.create_schedule(10, 20, &[]).await;
+    let mut changes = ChangeScript::new();
+    let mut client = SeatMapClient::snapshot_then_stream("client", &a, &a, schedule).await;
+    let mut live_first = SeatMapClient::stream_then_snapshot("live first", &b, &a, schedule).await;
+    let (mut tracked, tracked_end) = tracked_stream(&a, schedule, None).await;
+    for _ in 0..4 {
+        changes.step(&b, schedule).await;
+    }
+    client.catch_up(4, Duration::from_secs(5), None).await;
+    live_first.catch_up(4, Duration::from_secs(5), None).await;
+    assert_eq!(a.metric("seatsync_sse_connections").await, 3.0);
+
+    // Changes keep coming through B during the shutdown and the switch.
+    let writer = {
+        let b = &b;
+        async move {
+            for _ in 0..8 {
+                changes.step(b, schedule).await;
+            }
+            changes
+        }
+    };
+    let readyz = a.url("/readyz");
+    let observe = async {
+        let t = Instant::now();
+        let ended = apply_until_end(&mut client, Duration::from_secs(9)).await;
+        let ended_after = t.elapsed();
+        let live_first_ended = apply_until_end(&mut live_first, Duration::from_secs(9)).await;
+        // Shutdown began (the streams ended): readiness must not say 200,
+        // whether the replica still answers (503) or no longer accepts.
+        let ready = reqwest::Client::new()
+            .get(&readyz)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        (ended, ended_after, live_first_ended, ready)
+    };
+    let t = Instant::now();
+    let (status, (ended, ended_after, live_first_ended, ready), mut changes) =
+        tokio::join!(a.terminate(Duration::from_secs(10)), observe, writer);
+    let exit_after = t.elapsed();
+    assert!(ended, "the stream did not end after SIGTERM");
+    assert!(live_first_ended);
+    assert_eq!(
+        tracked_end.await.unwrap(),
+        End::Clean,
+        "streams end cleanly"
+    );
+    while let Ok(f) = tracked.try_recv() {
+        assert_ne!(f, SseFrame::Resync);
+    }
+    assert!(
+        !matches!(ready, Ok(200)),
+        "/readyz said 200 after shutdown began: {ready:?}"
+    );
+    assert!(status.success(), "exit status {status:?}");
+    assert!(exit_after < Duration::from_secs(10));
+    println!(
+        "SIGTERM: streams ended after {ended_after:?}, exit 0 after {exit_after:?}, /readyz then: {ready:?}"
+    );
+
+    // EventSource reconnects to the other replica with its Last-Event-ID.
+    client.reconnect(&b).await;
+    live_first.reconnect(&b).await;
+    for _ in 0..2 {
+        changes.step(&b, schedule).await;
+    }
+    let (last, truth) = b.snapshot(schedule).await;
+    assert_eq!(last, 14);
+    for c in [&mut client, &mut live_first] {
+        c.catch_up(last, Duration::from_secs(5), None).await;
+        assert_eq!(c.map, truth, "{} diverged", c.name);
+        assert_eq!(c.sse.next_event(Duration::from_millis(200)).await, None);
+    }
+    db.assert_consistent().await;
+}
+
+/// Applies frames until the stream ends; false if it is still open at the
+/// deadline.
+async fn apply_until_end(c: &mut SeatMapClient, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match c.sse.next(left).await {
+            Some(f) => c.apply_frame(f, None).await,
+            None => return tokio::time::Instant::now() < deadline,
+        }
+    }
+}
+
+/// Opens a seat stream on a raw socket and reads the response head
+/// (asserting 200); reads nothing more by itself. `small` gives the socket a
+/// small receive buffer and a small MSS, like a client on a thin link: the
+/// server sizes its send buffer by the peer's MSS, so it fills after some
+/// 100 KB instead of 4 MB on loopback.
+async fn raw_stream(r: &Replica, schedule: i64, small: bool) -> TcpStream {
+    let addr: SocketAddr = r
+        .base
+        .strip_prefix("http://")
+        .expect("http base")
+        .parse()
+        .expect("socket address");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    if small {
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.set_tcp_mss(1000).unwrap();
+    }
+    socket.set_nonblocking(true).unwrap();
+    let socket = TcpSocket::from_std_stream(socket.into());
+    let mut s = socket.connect(addr).await.expect("connect");
+    s.write_all(
+        format!(
+            "GET {} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n",
+            stream_path(schedule)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Byte by byte, so nothing after the head is consumed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("response head")
+            .expect("read");
+        assert_eq!(n, 1, "closed before the head ended");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    s
+}
+
+/// De-chunks a raw HTTP/1.1 chunked body: the payload so far, and whether
+/// the terminating chunk has arrived.
+fn dechunk(raw: &[u8]) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    let mut rest = raw;
+    while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size_line = std::str::from_utf8(&rest[..nl]).unwrap();
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size {size_line:?}"));
+        if size == 0 {
+            return (body, rest[nl + 2..].starts_with(b"\r\n"));
+        }
+        if rest.len() < nl + 2 + size + 2 {
+            break; // the rest of the chunk has not arrived
+        }
+        body.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+        rest = &rest[nl + 2 + size + 2..];
+    }
+    (body, false)
+}
+
+/// Reads a raw chunked SSE body until it ends. Returns the frames and
+/// whether it ended cleanly (the terminating chunk) rather than broken off.
+async fn read_raw_to_end(s: &mut TcpStream, timeout: Duration) -> (Vec<SseFrame>, bool) {
+    let mut raw = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (body, clean) = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => panic!(
+                "raw stream did not end within {timeout:?} ({} bytes)",
+                raw.len()
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => break (dechunk(&raw).0, false),
+            Ok(Ok(n)) => {
+                raw.extend_from_slice(&buf[..n]);
+                // The connection stays open (keep-alive) after a clean end.
+                if let (body, true) = dechunk(&raw) {
+                    break (body, true);
+                }
+            }
+        }
+    };
+    let text = String::from_utf8_lossy(&body);
+    let mut frames = Vec::new();
+    let mut text = &text[..];
+    while let Some(end) = text.find("\n\n") {
+        if let Some(f) = parse_sse_block(&text[..end + 2]) {
+            frames.push(f);
+        }
+        text = &text[end + 2..];
+    }
+    (frames, clean)
+}
+
+/// Whether the kernel has an ESTABLISHED server-side socket from
+/// `server_port` to `client_port` (Linux /proc/net/tcp).
+fn established(server_port: u16, client_port: u16) -> bool {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    text.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.len() > 3
+            && port(cols[1]) == Some(server_port)
+            && port(cols[2]) == Some(client_port)
+            && cols[3] == "01"
+    })
+}
+
+/// Holds and releases one whole half of the grid per step: two events of
+/// 50 seats each (about 1 KB per frame), so socket buffers fill quickly.
+async fn big_step(r: &Replica, token: &str, schedule: i64, half: i64) {
+    let seats: Vec<(i64, i64)> = (1..=5)
+        .flat_map(|row| (1..=10).map(move |col| (row + 5 * half, col)))
+        .collect();
+    let resp = r.start(token, schedule, &seats).await;
+    assert_eq!(resp.status, 201, "{}", resp.body);
+    assert_eq!(r.cancel(token, &resp.booking_id()).await.status, 200);
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_are_cut_off_without_hurting_others() {
+    let db = TestDb::create().await;
+    let common = ReplicaOpts::default()
+        .with("HEARTBEAT_SECONDS", 1)
+        .with("MAX_SEATS_PER_BOOKING", 100);
+    // A drops a connection whose data stays unacknowledged for 2 s; B keeps
+    // the default (30 s) but lets a subscriber fall only 64 events behind.
+    let (a, b) = tokio::join!(
+        Replica::spawn(&db, common.clone().with("CLIENT_WRITE_TIMEOUT_SECONDS", 2)),
+        Replica::spawn(&db, common.with("SSE_CLIENT_BUFFER", 64))
+    );
+    let schedule = a.create_schedule(10, 10, &[]).await;
+    let mut normal_a = SeatMapClient::snapshot_then_stream("normal on A", &a, &a, schedule).await;
+    let mut normal_b = SeatMapClient::snapshot_then_stream("normal on B", &b, &b, schedule).await;
+    // Never reads after the head.
+    let stuck = raw_stream(&a, schedule, true).await;
+    // Stops reading now, resumes later.
+    let mut paused = raw_stream(&b, schedule, true).await;
+    assert_eq!(a.metric("seatsync_sse_connections").await, 2.0);
+    assert_eq!(b.metric("seatsync_sse_connections").await, 2.0);
+    let server_port = a.base.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let client_port = stuck.local_addr().unwrap().port();
+    assert!(established(server_port, client_port));
+
+    let tokens = [a.guest().await, b.guest().await];
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut steps = 0;
+    // Thousands of events until A has dropped the stuck client; the normal
+    // clients must keep up all along.
+    let dropped_after = loop {
+        if a.metric("seatsync_sse_connections").await == 1.0 {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the client that stopped reading was never disconnected ({steps} steps)"
+        );
+        tokio::join!(
+            big_step(&a, &tokens[0], schedule, 0),
+            big_step(&b, &tokens[1], schedule, 1)
+        );
+        steps += 1;
+        // From the round's last commit to both normal clients having it.
+        let t = Instant::now();
+        let (last, _) = a.snapshot(schedule).await;
+        normal_a.catch_up(last, Duration::from_secs(2), None).await;
+        normal_b.catch_up(last, Duration::from_secs(2), None).await;
+        worst = worst.max(t.elapsed());
+    };
+    assert!(
+        worst < Duration::from_secs(1),
+        "normal clients fell behind by {worst:?}"
+    );
+    // More events while the paused client still does not read: its stream
+    // on B falls more than 64 behind.
+    for _ in 0..30 {
+        tokio::join!(
+            big_step(&a, &tokens[0], schedule, 0),
+            big_step(&b, &tokens[1], schedule, 1)
+        );
+    }
+    let (last, truth) = a.snapshot(schedule).await;
+    for c in [&mut normal_a, &mut normal_b] {
+        c.catch_up(last, Duration::from_secs(2), None).await;
+        assert_eq!(c.map, truth);
+        assert_eq!(c.resyncs, 0);
+    }
+    println!(
+        "slow clients: {steps} rounds ({} events) until the stuck client was dropped after \
+         {dropped_after:?}; normal clients at most {worst:?} behind; {last} events in all",
+        steps * 4
+    );
+
+    // The stuck client's connection is gone on the server side, not just
+    // its stream.
+    assert!(
+        !established(server_port, client_port),
+        "the server still holds the stuck connection"
+    );
+    drop(stuck);
+
+    // The paused client resumes: it gets a dense prefix, then the stream
+    // ends cleanly (cut off, never skipping), and it resumes from there.
+    let (frames, clean) = read_raw_to_end(&mut paused, Duration::from_secs(10)).await;
+    assert!(clean, "the lagging client's stream must end cleanly");
+    let ids: Vec<i64> = frames
+        .iter()
+        .filter_map(|f| match f {
+            SseFrame::Event { id, .. } => Some(*id),
+            SseFrame::Resync => panic!("resync instead of a cut-off"),
+            _ => None,
+        })
+        .collect();
+    assert!(!ids.is_empty());
+    assert_eq!(
+        ids,
+        (1..=ids.len() as i64).collect::<Vec<_>>(),
+        "dense from 1"
+    );
+    let got = *ids.last().unwrap();
+    assert!(
+        got < last,
+        "the paused client was not cut off ({got} of {last})"
+    );
+    assert!(b.metric("seatsync_sse_lagged_total").await >= 1.0);
+    wait_metric(&b, "seatsync_sse_connections", 1.0, Duration::from_secs(5)).await;
+    // Resuming from the cut replays exactly the rest.
+    let mut from_cut = b.subscribe(schedule, Some(&got.to_string())).await;
+    let replayed = from_cut.frames_until(last, Duration::from_secs(10)).await;
+    let replayed_ids: Vec<i64> = replayed
+        .iter()
+        .map(|f| match f {
+            SseFrame::Event { id, .. } => *id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(replayed_ids, (got + 1..=last).collect::<Vec<_>>());
+    println!("paused client: cut off at event {got} of {last}, resumed by replay");
+    db.assert_consistent().await;
+}
