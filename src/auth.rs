@@ -10,7 +10,11 @@ use uuid::Uuid;
 struct Claims {
     sub: String,
     exp: i64,
-    iat: i64,
+    /// Written on the tokens we issue, but not required: the contract's
+    /// tokens are `sub` and `exp`, and another issuer sharing AUTH_SECRET
+    /// need not add more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<i64>,
 }
 
 /// A freshly issued token.
@@ -62,7 +66,7 @@ impl TokenAuthority {
         let claims = Claims {
             sub: user_id.to_string(),
             exp,
-            iat: now,
+            iat: Some(now),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Signing(e.to_string()))?;

@@ -16,7 +16,7 @@ const UNLOCK_MIGRATIONS: &str = "SELECT pg_advisory_unlock($1)";
 /// The database failed or could not be reached. Never the caller's fault.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("database error: {0}")]
+    #[error("database error: {}", one_line_chain(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("no database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -27,6 +27,20 @@ pub enum DbError {
     Contended(&'static str),
     #[error("invalid database configuration: {0}")]
     Config(String),
+}
+
+/// An error and its causes as one line. tokio-postgres shows only its own
+/// kind ("error connecting to server", "db error"); the cause is what an
+/// operator needs ("Connection refused", "database \"x\" does not exist").
+fn one_line_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl DbError {

@@ -182,6 +182,12 @@ impl IntoResponse for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is left unread, so hyper closes the
+            // connection after this answer. Say so: a keep-alive client
+            // would otherwise send its next request on a dead connection.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

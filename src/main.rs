@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use seatsync::config::{Cli, Command};
 use seatsync::startup::Application;
 
@@ -9,6 +9,12 @@ async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) if e.kind() == clap::error::ErrorKind::InvalidUtf8 => {
+            // clap does not say which variable; find it.
+            let name = non_unicode_setting().unwrap_or_else(|| "an argument".into());
+            eprintln!("seatsync: configuration error: {name} is not valid UTF-8");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             let message = e.to_string();
             let first = message
@@ -21,7 +27,8 @@ async fn main() -> ExitCode {
         }
     };
     seatsync::telemetry::init();
-    if let Err(e) = cli.config.validate() {
+    let serving = !matches!(cli.command, Some(Command::Migrate));
+    if let Err(e) = cli.config.validate(serving) {
         eprintln!("seatsync: configuration error: {e}");
         return ExitCode::from(2);
     }
@@ -37,7 +44,7 @@ async fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("seatsync: {e}");
+                    eprintln!("seatsync: cannot migrate the database at DATABASE_URL: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -59,4 +66,13 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The first setting whose environment variable holds invalid UTF-8.
+fn non_unicode_setting() -> Option<String> {
+    Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .find(|name| std::env::var_os(name).is_some_and(|v| v.to_str().is_none()))
+        .map(|name| name.to_string_lossy().into_owned())
 }

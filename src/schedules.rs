@@ -47,17 +47,18 @@ pub const MAX_GRID: i64 = 100;
 impl NewSchedule {
     fn validate(&self) -> Result<Vec<Seat>, ScheduleError> {
         let invalid = |field: String, reason: String| ScheduleError::Invalid { field, reason };
+        // What is stored is the trimmed title, so that is what is checked.
         let title = self.title.trim();
         if title.is_empty() {
             return Err(invalid("title".into(), "must not be empty".into()));
         }
-        if self.title.chars().count() > MAX_TITLE_CHARS {
+        if title.chars().count() > MAX_TITLE_CHARS {
             return Err(invalid(
                 "title".into(),
                 format!("at most {MAX_TITLE_CHARS} characters"),
             ));
         }
-        if self.title.chars().any(char::is_control) {
+        if title.chars().any(char::is_control) {
             return Err(invalid(
                 "title".into(),
                 "must not contain control characters".into(),
@@ -96,8 +97,10 @@ impl NewSchedule {
     }
 }
 
+/// Returns `starts_at` as stored: PostgreSQL keeps microseconds, and every
+/// replica must show the time the others read back from the table.
 const INSERT_SCHEDULE: &str = "INSERT INTO schedules (title, starts_at, rows, cols, blocked) \
-     VALUES ($1, $2, $3, $4, $5) RETURNING id";
+     VALUES ($1, $2, $3, $4, $5) RETURNING id, starts_at";
 const SELECT_SCHEDULE: &str =
     "SELECT id, title, starts_at, rows, cols, blocked FROM schedules WHERE id = $1";
 const SELECT_SCHEDULES: &str =
@@ -137,7 +140,7 @@ impl ScheduleCatalog {
         let schedule = Arc::new(Schedule {
             id: row.try_get(0).map_err(DbError::from)?,
             title: new.title.trim().to_owned(),
-            starts_at: new.starts_at,
+            starts_at: row.try_get(1).map_err(DbError::from)?,
             rows: new.rows as i32,
             cols: new.cols as i32,
             blocked,

@@ -9,5 +9,11 @@ pub fn init() {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // When stderr is gone (a log collector died), drop the line. The
+        // default reports the failed write with `eprintln!`, which panics on
+        // the same broken pipe: at start-up that kills the process, and in
+        // the SIGTERM handler it kills the task that begins the shutdown, so
+        // the replica never exits.
+        .log_internal_errors(false)
         .try_init();
 }

@@ -3,8 +3,13 @@
 
 use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use std::fmt;
+use std::marker::PhantomData;
+
 use axum::http::{header, request::Parts};
-use serde::de::DeserializeOwned;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{DeserializeOwned, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::error::ApiError;
@@ -53,7 +58,35 @@ where
     }
 }
 
-/// Deserializes, reporting the JSON path of the first problem.
+/// `T` deserialized from a JSON object only. Serde's derived struct impls
+/// also take an array of the field values in order (`[1, [[1, 5]]]` as a
+/// start body); no client of this API sends that on purpose, so it is a
+/// wrong type like any other and gets a 400.
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer
+            .deserialize_map(ObjectVisitor(PhantomData))
+            .map(Object)
+    }
+}
+
+/// Deserializes a JSON object, reporting the JSON path of the first problem.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -65,10 +98,15 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             .trim_end_matches('.')
             .to_owned();
         let inner = e.into_inner();
-        let field = if path.is_empty() {
-            missing_or_unknown_field(&inner.to_string())
-        } else {
-            Some(path)
+        // A missing, unknown or repeated member is named only in the
+        // message; the path stops at the object that holds it.
+        let field = match missing_or_unknown_field(&inner.to_string()) {
+            Some(name) if path.is_empty() => Some(name),
+            Some(name) if path != name && !path.ends_with(&format!(".{name}")) => {
+                Some(format!("{path}.{name}"))
+            }
+            _ if path.is_empty() => None,
+            _ => Some(path),
         };
         let detail = match &field {
             Some(f) => format!("{f}: {}", strip_position(&inner.to_string())),
@@ -81,14 +119,16 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })?;
     de.end()
         .map_err(|e| ApiError::invalid("body", strip_position(&e.to_string())))?;
+    let Object(value) = value;
     Ok(value)
 }
 
-/// serde names missing and unknown fields only in its message.
+/// serde names missing, unknown and repeated fields only in its message.
 fn missing_or_unknown_field(message: &str) -> Option<String> {
     let rest = message
         .strip_prefix("missing field `")
-        .or_else(|| message.strip_prefix("unknown field `"))?;
+        .or_else(|| message.strip_prefix("unknown field `"))
+        .or_else(|| message.strip_prefix("duplicate field `"))?;
     rest.split('`').next().map(str::to_owned)
 }
 
@@ -172,5 +212,10 @@ mod tests {
         assert_eq!(field_of(r#"{"a": 99999999999999999999, "b": []}"#), "a");
         assert_eq!(field_of(r#"{"a": 1, "b": []} x"#), "body");
         assert_eq!(field_of(r#"{"a": 1,"#), "body");
+        assert_eq!(field_of(r#"{"a": 1, "b": [{}]}"#), "b[0].row");
+        assert_eq!(field_of(r#"{"a": 1, "b": [{"row": 1, "x": 1}]}"#), "b[0].x");
+        assert_eq!(field_of(r#"{"a": 1, "a": 1, "b": []}"#), "a");
+        // Positional arrays are not objects.
+        assert_eq!(field_of(r#"[1, []]"#), "body");
     }
 }

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Admin;
-use super::extract::{ApiJson, ScheduleIdPath};
+use super::extract::{ApiJson, Object, ScheduleIdPath};
 use super::{AppState, Limits};
 use crate::error::{ApiError, Problem};
 use crate::holds::{Seat, SeatState};
@@ -24,11 +24,25 @@ pub fn router() -> Router<AppState> {
 
 /// A seat as sent by a client: wide integers, so out-of-range values get a
 /// range error naming the field rather than a type error.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, utoipa::ToSchema)]
 pub struct SeatInput {
     pub row: i64,
     pub col: i64,
+}
+
+impl<'de> Deserialize<'de> for SeatInput {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            row: i64,
+            col: i64,
+        }
+        // `{"row": 1, "col": 5}` only: not the positional `[1, 5]` that a
+        // derived impl would also take.
+        let Object(Fields { row, col }) = Object::deserialize(deserializer)?;
+        Ok(SeatInput { row, col })
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
