@@ -215,6 +215,35 @@ async fn expire_in_tx(
     Ok(true)
 }
 
+/// Who holds which of `seats`: the seats held by live holds (sorted), and
+/// the holds in the way that expired but were not swept yet (sorted, so
+/// concurrent takeovers lock them in the same order).
+async fn seat_holders(
+    tx: &Transaction<'_>,
+    schedule_id: i64,
+    seats: &[Seat],
+) -> Result<(Vec<Seat>, Vec<Uuid>), DbError> {
+    let rows: Vec<i16> = seats.iter().map(|s| s.row).collect();
+    let cols: Vec<i16> = seats.iter().map(|s| s.col).collect();
+    let holders = query(tx, SEAT_HOLDERS, &[&schedule_id, &rows, &cols]).await?;
+    let mut taken = Vec::new();
+    let mut overdue = Vec::new();
+    for h in &holders {
+        if h.try_get::<_, bool>(3)? {
+            overdue.push(h.try_get::<_, Uuid>(2)?);
+        } else {
+            taken.push(Seat {
+                row: h.try_get(0)?,
+                col: h.try_get(1)?,
+            });
+        }
+    }
+    taken.sort();
+    overdue.sort();
+    overdue.dedup();
+    Ok((taken, overdue))
+}
+
 /// Looks up the booking an `Idempotency-Key` names. An overdue one is
 /// expired on the spot, which frees the key.
 async fn replay_by_key(
@@ -313,20 +342,28 @@ async fn hold_attempt(
         return Err(DbError::Contended("booking insert kept conflicting"));
     };
 
-    let mut missing: Vec<Seat> = req.seats.clone();
-    for _ in 0..4 {
-        let rows: Vec<i16> = missing.iter().map(|s| s.row).collect();
-        let cols: Vec<i16> = missing.iter().map(|s| s.col).collect();
-        let inserted = query(
-            tx,
-            INSERT_SEATS,
-            &[&req.schedule_id, &booking_id, &expires_at, &rows, &cols],
-        )
-        .await?;
-        if inserted.len() == missing.len() {
-            missing.clear();
-            break;
-        }
+    // Holds that expired but were not swept yet are released before any
+    // seat row is written, keeping the lock order: a transaction that held
+    // seats while waiting for a holder's booking row, or inserted seats a
+    // second time out of order, deadlocked with a concurrent takeover.
+    let (taken, overdue_holders) = seat_holders(tx, req.schedule_id, &req.seats).await?;
+    if !taken.is_empty() {
+        return Ok(HoldDecision::Refuse(HoldError::SeatsTaken(taken)));
+    }
+    // An expired hold must never cause a 409, so release them here.
+    for holder in overdue_holders {
+        expire_in_tx(tx, holder, events).await?;
+    }
+    let rows: Vec<i16> = req.seats.iter().map(|s| s.row).collect();
+    let cols: Vec<i16> = req.seats.iter().map(|s| s.col).collect();
+    let inserted = query(
+        tx,
+        INSERT_SEATS,
+        &[&req.schedule_id, &booking_id, &expires_at, &rows, &cols],
+    )
+    .await?;
+    if inserted.len() < req.seats.len() {
+        let mut missing = req.seats.clone();
         for row in &inserted {
             let seat = Seat {
                 row: row.try_get(0)?,
@@ -334,38 +371,14 @@ async fn hold_attempt(
             };
             missing.retain(|s| *s != seat);
         }
-        let rows: Vec<i16> = missing.iter().map(|s| s.row).collect();
-        let cols: Vec<i16> = missing.iter().map(|s| s.col).collect();
-        let holders = query(tx, SEAT_HOLDERS, &[&req.schedule_id, &rows, &cols]).await?;
-        let mut taken = Vec::new();
-        let mut overdue_holders = Vec::new();
-        for h in &holders {
-            let seat = Seat {
-                row: h.try_get(0)?,
-                col: h.try_get(1)?,
-            };
-            if h.try_get::<_, bool>(3)? {
-                overdue_holders.push(h.try_get::<_, Uuid>(2)?);
-            } else {
-                taken.push(seat);
-            }
-        }
+        // A hold committed on our seats since we looked.
+        let (taken, _) = seat_holders(tx, req.schedule_id, &missing).await?;
         if !taken.is_empty() {
-            taken.sort();
             return Ok(HoldDecision::Refuse(HoldError::SeatsTaken(taken)));
         }
-        // Only holds that expired but were not swept yet stand in the way:
-        // an expired hold must never cause a 409, so release them here.
-        overdue_holders.sort();
-        overdue_holders.dedup();
-        for holder in overdue_holders {
-            expire_in_tx(tx, holder, events).await?;
-        }
-    }
-    if !missing.is_empty() {
-        // Seats kept changing hands under us; report them as taken rather
-        // than spin. Only reachable under extreme churn on the same seats.
-        return Ok(HoldDecision::Refuse(HoldError::SeatsTaken(missing)));
+        // That hold has already ended again. Inserting once more would wait
+        // for seats out of order, so start over from a fresh look.
+        return Err(DbError::Contended("a seat changed hands during the hold"));
     }
 
     events.push(req.schedule_id, SeatAction::Occupied, req.seats.clone());

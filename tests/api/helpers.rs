@@ -981,3 +981,39 @@ impl ChangeScript {
         }
     }
 }
+
+impl TestDb {
+    /// Deadlocks PostgreSQL detected in this database. Kills `replicas`
+    /// first and waits for their backends to exit, since a backend reports
+    /// its counts when it ends.
+    pub async fn deadlocks_after_shutdown(&self, replicas: Vec<Replica>) -> i64 {
+        for mut r in replicas {
+            r.kill().await;
+        }
+        let c = self.client().await;
+        wait_for(
+            "the replicas' connections to close",
+            Duration::from_secs(10),
+            || async {
+                let n: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                         AND application_name = 'seatsync'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (n == 0).then_some(())
+            },
+        )
+        .await;
+        c.query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    }
+}

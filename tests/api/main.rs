@@ -5,14 +5,14 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`); `deploy/test.sh` makes
 //! sure one is running.
 
-mod helpers;
-mod smoke;
-mod bookings;
 mod bad_inputs;
-mod config;
+mod bookings;
 mod concurrency;
+mod config;
 mod expiry;
+mod helpers;
 mod hold_invariant;
-mod realtime;
-mod listener_failure;
 mod lifecycle;
+mod listener_failure;
+mod realtime;
+mod smoke;
