@@ -104,9 +104,10 @@ const SWEEP_EXPIRED: &str =
 const SNAPSHOT: &str = "SELECT sc.last_event_id, st.row_num, st.col_num, st.status \
      FROM schedules sc LEFT JOIN schedule_seat_status st ON st.schedule_id = sc.id WHERE sc.id = $1";
 
-/// How often a transaction that lost a deadlock or serialization race is
-/// tried again before the caller gets a 503.
-const MAX_TX_ATTEMPTS: usize = 4;
+/// How often a hold transaction is tried before the caller gets a 503: a
+/// start may need a round for each kind of overdue hold in its way (the
+/// key's, the user's own, the seats' holders) plus a lost deadlock race.
+const MAX_TX_ATTEMPTS: usize = 6;
 
 /// [`SeatStore`] on PostgreSQL.
 #[derive(Clone)]
@@ -159,6 +160,8 @@ impl EventBatch {
 enum HoldDecision {
     Commit(HoldOutcome),
     Refuse(HoldError),
+    /// Roll back and try again, releasing these overdue holds first.
+    ExpireFirst(Vec<Uuid>),
 }
 
 async fn query(
@@ -244,116 +247,127 @@ async fn seat_holders(
     Ok((taken, overdue))
 }
 
-/// Looks up the booking an `Idempotency-Key` names. An overdue one is
-/// expired on the spot, which frees the key.
-async fn replay_by_key(
+/// What an `Idempotency-Key` names.
+enum KeyLookup {
+    /// No live booking: go on and hold.
+    Free,
+    /// A live booking of the same request: answer with it.
+    Replay(Booking),
+    /// A live booking of another request.
+    Reused,
+    /// A pending booking that expired but was not swept: it frees the key
+    /// once released.
+    Overdue(Uuid),
+}
+
+async fn lookup_key(
     tx: &Transaction<'_>,
     req: &HoldRequest,
     key: &str,
-    events: &mut EventBatch,
-) -> Result<Option<HoldDecision>, DbError> {
+) -> Result<KeyLookup, DbError> {
     let Some(row) = query_opt(tx, FIND_BY_IDEMPOTENCY_KEY, &[&req.user_id, &key]).await? else {
-        return Ok(None);
+        return Ok(KeyLookup::Free);
     };
-    let overdue: bool = row.try_get(7)?;
     let booking = booking_from_row(&row)?;
-    if overdue {
-        expire_in_tx(tx, booking.id, events).await?;
-        return Ok(None);
+    if row.try_get::<_, bool>(7)? {
+        return Ok(KeyLookup::Overdue(booking.id));
     }
     let fingerprint: Option<String> = row.try_get(6)?;
-    Ok(Some(
+    Ok(
         if fingerprint.as_deref() == Some(req.fingerprint().as_str()) {
-            HoldDecision::Commit(HoldOutcome {
-                booking,
-                replayed: true,
-            })
+            KeyLookup::Replay(booking)
         } else {
-            HoldDecision::Refuse(HoldError::IdempotencyKeyReused)
+            KeyLookup::Reused
         },
-    ))
+    )
+}
+
+/// The decision a key lookup forces, if any.
+fn key_decision(lookup: KeyLookup) -> Option<HoldDecision> {
+    match lookup {
+        KeyLookup::Free => None,
+        KeyLookup::Replay(booking) => Some(HoldDecision::Commit(HoldOutcome {
+            booking,
+            replayed: true,
+        })),
+        KeyLookup::Reused => Some(HoldDecision::Refuse(HoldError::IdempotencyKeyReused)),
+        KeyLookup::Overdue(id) => Some(HoldDecision::ExpireFirst(vec![id])),
+    }
 }
 
 /// One try of the hold transaction. Events it queues in `events` are
 /// appended by the caller if, and only if, the decision is to commit.
+///
+/// The common case is optimistic: insert the booking, insert the seats in
+/// one sorted statement, done. When an expired-but-unswept hold stands in
+/// the way (the user's own, the key's, or a seat's holder), the attempt
+/// does not release it there and then: that would lock a booking row after
+/// seat rows, against the lock order, and deadlock with a concurrent
+/// takeover. It asks the caller to start over with those holds in
+/// `expire_first`, which are released first, in id order, before any other
+/// lock is taken.
 async fn hold_attempt(
     tx: &Transaction<'_>,
     req: &HoldRequest,
     hold_seconds: i32,
+    expire_first: &[Uuid],
     events: &mut EventBatch,
 ) -> Result<HoldDecision, DbError> {
-    let fingerprint = req.fingerprint();
+    for &id in expire_first {
+        // Conditional: a no-op for a hold that ended meanwhile.
+        expire_in_tx(tx, id, events).await?;
+    }
 
     if let Some(key) = &req.idempotency_key {
-        if let Some(decision) = replay_by_key(tx, req, key, events).await? {
+        if let Some(decision) = key_decision(lookup_key(tx, req, key).await?) {
             return Ok(decision);
         }
     }
 
     let booking_id = Uuid::new_v4();
-    let seats_json = Json(&req.seats);
-    let mut expires_at: Option<DateTime<Utc>> = None;
-    // Bounded: each pass either inserts, refuses, or clears a hold that
-    // expired, and a user has at most one pending hold to clear.
-    for _ in 0..3 {
-        let inserted = query_opt(
-            tx,
-            INSERT_BOOKING,
-            &[
-                &booking_id,
-                &req.schedule_id,
-                &req.user_id,
-                &seats_json,
-                &hold_seconds,
-                &req.idempotency_key,
-                &fingerprint,
-            ],
-        )
-        .await?;
-        if let Some(row) = inserted {
-            expires_at = Some(row.try_get(0)?);
-            break;
-        }
+    let fingerprint = req.fingerprint();
+    let inserted = query_opt(
+        tx,
+        INSERT_BOOKING,
+        &[
+            &booking_id,
+            &req.schedule_id,
+            &req.user_id,
+            &Json(&req.seats),
+            &hold_seconds,
+            &req.idempotency_key,
+            &fingerprint,
+        ],
+    )
+    .await?;
+    let Some(row) = inserted else {
         // A unique index said no: the user's pending hold here, or the key.
         if let Some(row) =
             query_opt(tx, FIND_PENDING_OF_USER, &[&req.schedule_id, &req.user_id]).await?
         {
             let existing: Uuid = row.try_get(0)?;
-            let overdue: bool = row.try_get(1)?;
-            if overdue {
-                expire_in_tx(tx, existing, events).await?;
-                continue;
+            if row.try_get::<_, bool>(1)? {
+                return Ok(HoldDecision::ExpireFirst(vec![existing]));
             }
             if let Some(key) = &req.idempotency_key {
-                if let Some(decision) = replay_by_key(tx, req, key, events).await? {
+                if let Some(decision) = key_decision(lookup_key(tx, req, key).await?) {
                     return Ok(decision);
                 }
             }
             return Ok(HoldDecision::Refuse(HoldError::BookingInProgress(existing)));
         }
         if let Some(key) = &req.idempotency_key {
-            if let Some(decision) = replay_by_key(tx, req, key, events).await? {
+            if let Some(decision) = key_decision(lookup_key(tx, req, key).await?) {
                 return Ok(decision);
             }
         }
-        // The conflicting booking changed state after the insert saw it; try again.
-    }
-    let Some(expires_at) = expires_at else {
-        return Err(DbError::Contended("booking insert kept conflicting"));
+        // The conflicting booking ended after the insert saw it.
+        return Err(DbError::Contended(
+            "booking insert conflicted with a booking that ended",
+        ));
     };
+    let expires_at: DateTime<Utc> = row.try_get(0)?;
 
-    // Holds that expired but were not swept yet are released before any
-    // seat row is written, keeping the lock order: a transaction that held
-    // seats while waiting for a holder's booking row, or inserted seats a
-    // second time out of order, deadlocked with a concurrent takeover.
-    let (taken, overdue_holders) = seat_holders(tx, req.schedule_id, &req.seats).await?;
-    if !taken.is_empty() {
-        return Ok(HoldDecision::Refuse(HoldError::SeatsTaken(taken)));
-    }
-    // An expired hold must never cause a 409, so release them here.
-    for holder in overdue_holders {
-        expire_in_tx(tx, holder, events).await?;
-    }
     let rows: Vec<i16> = req.seats.iter().map(|s| s.row).collect();
     let cols: Vec<i16> = req.seats.iter().map(|s| s.col).collect();
     let inserted = query(
@@ -371,13 +385,16 @@ async fn hold_attempt(
             };
             missing.retain(|s| *s != seat);
         }
-        // A hold committed on our seats since we looked.
-        let (taken, _) = seat_holders(tx, req.schedule_id, &missing).await?;
+        let (taken, overdue) = seat_holders(tx, req.schedule_id, &missing).await?;
         if !taken.is_empty() {
             return Ok(HoldDecision::Refuse(HoldError::SeatsTaken(taken)));
         }
-        // That hold has already ended again. Inserting once more would wait
-        // for seats out of order, so start over from a fresh look.
+        if !overdue.is_empty() {
+            // An expired hold must never cause a 409: release it, first.
+            return Ok(HoldDecision::ExpireFirst(overdue));
+        }
+        // The holder ended between our insert and our look; inserting
+        // again here would wait for seats out of order.
         return Err(DbError::Contended("a seat changed hands during the hold"));
     }
 
@@ -498,28 +515,39 @@ impl SeatStore for PgSeatStore {
     ) -> Result<HoldOutcome, HoldError> {
         let hold_seconds = i32::try_from(hold_seconds).unwrap_or(i32::MAX);
         let mut client = PgConn::get(&self.pool).await?;
+        // Overdue holds found by earlier attempts, kept sorted and unique so
+        // every transaction locks them in the same order.
+        let mut expire_first: Vec<Uuid> = Vec::new();
         let mut attempt = 0;
         loop {
             attempt += 1;
             let tx = client.transaction().await.map_err(DbError::from)?;
             let mut events = EventBatch::default();
-            let result = match hold_attempt(&tx, &req, hold_seconds, &mut events).await {
-                Ok(HoldDecision::Commit(outcome)) => {
-                    async {
-                        events.append(&tx).await?;
-                        tx.commit().await?;
-                        Ok(outcome)
+            let result =
+                match hold_attempt(&tx, &req, hold_seconds, &expire_first, &mut events).await {
+                    Ok(HoldDecision::Commit(outcome)) => {
+                        async {
+                            events.append(&tx).await?;
+                            tx.commit().await?;
+                            Ok(outcome)
+                        }
+                        .await
                     }
-                    .await
-                }
-                Ok(HoldDecision::Refuse(err)) => {
-                    // Rolls back, including any overdue holds it cleared:
-                    // the sweeper will release those with their events.
-                    tx.rollback().await.map_err(DbError::from)?;
-                    return Err(err);
-                }
-                Err(e) => Err(e),
-            };
+                    Ok(HoldDecision::Refuse(err)) => {
+                        // Rolls back, including any overdue holds it
+                        // cleared: the sweeper releases those with events.
+                        tx.rollback().await.map_err(DbError::from)?;
+                        return Err(err);
+                    }
+                    Ok(HoldDecision::ExpireFirst(ids)) => {
+                        tx.rollback().await.map_err(DbError::from)?;
+                        expire_first.extend(ids);
+                        expire_first.sort();
+                        expire_first.dedup();
+                        Err(DbError::Contended("overdue holds in the way"))
+                    }
+                    Err(e) => Err(e),
+                };
             match result {
                 Ok(outcome) => return Ok(outcome),
                 Err(e) if attempt < MAX_TX_ATTEMPTS && is_retryable(&e) => {
