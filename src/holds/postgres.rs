@@ -45,9 +45,11 @@ const INSERT_SEATS: &str = "INSERT INTO schedule_seat_status \
      ON CONFLICT (schedule_id, row_num, col_num) DO NOTHING RETURNING row_num, col_num";
 
 const SEAT_HOLDERS: &str = "SELECT st.row_num, st.col_num, st.booking_id, \
-       (st.status = 'OCCUPIED' AND st.expires_at <= clock_timestamp()) AS overdue \
+       (st.status = 'OCCUPIED' AND st.expires_at <= clock_timestamp()) AS overdue, \
+       (st.status = 'OCCUPIED' AND b.user_id = $4) AS own_hold \
      FROM schedule_seat_status st JOIN unnest($2::int2[], $3::int2[]) AS q(r, c) \
        ON st.row_num = q.r AND st.col_num = q.c \
+     JOIN bookings b ON b.id = st.booking_id \
      WHERE st.schedule_id = $1";
 
 /// Expires one overdue hold. `clock_timestamp()`, not `now()`: after a lock
@@ -218,33 +220,72 @@ async fn expire_in_tx(
     Ok(true)
 }
 
-/// Who holds which of `seats`: the seats held by live holds (sorted), and
-/// the holds in the way that expired but were not swept yet (sorted, so
-/// concurrent takeovers lock them in the same order).
+/// Who holds which of the requested seats.
+struct SeatHolders {
+    /// Seats held by live holds or sold, sorted.
+    taken: Vec<Seat>,
+    /// Holds in the way that expired but were not swept yet, sorted, so
+    /// concurrent takeovers lock them in the same order.
+    overdue: Vec<Uuid>,
+    /// The requesting user's own live hold on some of these seats.
+    own_hold: Option<Uuid>,
+}
+
+impl SeatHolders {
+    /// What the holders force, if anything. The user's own pending hold is
+    /// reported as such (`booking_in_progress` names it) rather than as
+    /// taken seats.
+    fn decision(self) -> Option<HoldDecision> {
+        if let Some(own) = self.own_hold {
+            return Some(HoldDecision::Refuse(HoldError::BookingInProgress(own)));
+        }
+        if !self.taken.is_empty() {
+            return Some(HoldDecision::Refuse(HoldError::SeatsTaken(self.taken)));
+        }
+        if !self.overdue.is_empty() {
+            // An expired hold must never cause a 409: release it, first.
+            return Some(HoldDecision::ExpireFirst(self.overdue));
+        }
+        None
+    }
+}
+
 async fn seat_holders(
     tx: &Transaction<'_>,
-    schedule_id: i64,
+    req: &HoldRequest,
     seats: &[Seat],
-) -> Result<(Vec<Seat>, Vec<Uuid>), DbError> {
+) -> Result<SeatHolders, DbError> {
     let rows: Vec<i16> = seats.iter().map(|s| s.row).collect();
     let cols: Vec<i16> = seats.iter().map(|s| s.col).collect();
-    let holders = query(tx, SEAT_HOLDERS, &[&schedule_id, &rows, &cols]).await?;
-    let mut taken = Vec::new();
-    let mut overdue = Vec::new();
+    let holders = query(
+        tx,
+        SEAT_HOLDERS,
+        &[&req.schedule_id, &rows, &cols, &req.user_id],
+    )
+    .await?;
+    let mut out = SeatHolders {
+        taken: Vec::new(),
+        overdue: Vec::new(),
+        own_hold: None,
+    };
     for h in &holders {
+        let booking: Uuid = h.try_get(2)?;
         if h.try_get::<_, bool>(3)? {
-            overdue.push(h.try_get::<_, Uuid>(2)?);
-        } else {
-            taken.push(Seat {
-                row: h.try_get(0)?,
-                col: h.try_get(1)?,
-            });
+            out.overdue.push(booking);
+            continue;
         }
+        if h.try_get::<_, bool>(4)? {
+            out.own_hold = Some(booking);
+        }
+        out.taken.push(Seat {
+            row: h.try_get(0)?,
+            col: h.try_get(1)?,
+        });
     }
-    taken.sort();
-    overdue.sort();
-    overdue.dedup();
-    Ok((taken, overdue))
+    out.taken.sort();
+    out.overdue.sort();
+    out.overdue.dedup();
+    Ok(out)
 }
 
 /// What an `Idempotency-Key` names.
@@ -298,14 +339,14 @@ fn key_decision(lookup: KeyLookup) -> Option<HoldDecision> {
 /// One try of the hold transaction. Events it queues in `events` are
 /// appended by the caller if, and only if, the decision is to commit.
 ///
-/// The common case is optimistic: insert the booking, insert the seats in
-/// one sorted statement, done. When an expired-but-unswept hold stands in
-/// the way (the user's own, the key's, or a seat's holder), the attempt
-/// does not release it there and then: that would lock a booking row after
-/// seat rows, against the lock order, and deadlock with a concurrent
-/// takeover. It asks the caller to start over with those holds in
-/// `expire_first`, which are released first, in id order, before any other
-/// lock is taken.
+/// The common case: look at the seats' holders (none), insert the booking,
+/// insert the seats in one sorted statement, done. When an expired but
+/// unswept hold stands in the way (the user's own, the key's, or a seat's
+/// holder), the attempt does not release it there and then: that would
+/// lock a booking row after other locks, against the lock order, and
+/// deadlock with a concurrent takeover. It asks the caller to start over
+/// with those holds in `expire_first`, which are released first, in id
+/// order, before any other lock is taken.
 async fn hold_attempt(
     tx: &Transaction<'_>,
     req: &HoldRequest,
@@ -322,6 +363,15 @@ async fn hold_attempt(
         if let Some(decision) = key_decision(lookup_key(tx, req, key).await?) {
             return Ok(decision);
         }
+    }
+
+    // Who holds the seats, before anything is written: a live hold means
+    // 409 at once, and a transaction only ever writes seat rows once every
+    // holder in its way is resolved. Otherwise it could hold some seats
+    // while waiting on a seat row that a concurrent takeover is deleting,
+    // and deadlock with it.
+    if let Some(decision) = seat_holders(tx, req, &req.seats).await?.decision() {
+        return Ok(decision);
     }
 
     let booking_id = Uuid::new_v4();
@@ -385,13 +435,8 @@ async fn hold_attempt(
             };
             missing.retain(|s| *s != seat);
         }
-        let (taken, overdue) = seat_holders(tx, req.schedule_id, &missing).await?;
-        if !taken.is_empty() {
-            return Ok(HoldDecision::Refuse(HoldError::SeatsTaken(taken)));
-        }
-        if !overdue.is_empty() {
-            // An expired hold must never cause a 409: release it, first.
-            return Ok(HoldDecision::ExpireFirst(overdue));
+        if let Some(decision) = seat_holders(tx, req, &missing).await?.decision() {
+            return Ok(decision);
         }
         // The holder ended between our insert and our look; inserting
         // again here would wait for seats out of order.
