@@ -25,6 +25,9 @@ pub enum DbError {
     /// A transaction lost a race it can win on a second try.
     #[error("transaction lost a race: {0}")]
     Contended(&'static str),
+    /// A long-lived connection (the listener's) ended or stopped answering.
+    #[error("connection lost: {0}")]
+    ConnectionLost(&'static str),
     #[error("invalid database configuration: {0}")]
     Config(String),
 }
@@ -32,7 +35,7 @@ pub enum DbError {
 /// An error and its causes as one line. tokio-postgres shows only its own
 /// kind ("error connecting to server", "db error"); the cause is what an
 /// operator needs ("Connection refused", "database \"x\" does not exist").
-fn one_line_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn one_line_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

@@ -101,7 +101,7 @@ impl ListenerRelay {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "listener connection failed");
+                        tracing::warn!(error = %crate::db::one_line_chain(&e), "listener connection failed");
                         return;
                     }
                 }
@@ -128,13 +128,13 @@ impl ListenerRelay {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 n = notifications.recv() => match n {
                     Some(n) => self.relay(&n),
-                    None => return Err(DbError::Contended("listener connection closed")),
+                    None => return Err(DbError::ConnectionLost("the server closed the listener connection")),
                 },
                 _ = health.tick() => {
                     match tokio::time::timeout(HEALTH_CHECK_TIMEOUT, client.simple_query("SELECT 1")).await {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => return Err(e.into()),
-                        Err(_) => return Err(DbError::Contended("listener health check timed out")),
+                        Err(_) => return Err(DbError::ConnectionLost("listener health check timed out")),
                     }
                 }
             }
