@@ -3,8 +3,9 @@
 //! event exists if and only if the change committed.
 //!
 //! Lock order, the same in every transaction, keeps them from deadlocking:
-//! booking rows, then seat rows (in `(row, col)` order), then last the
-//! per-schedule event counters (in schedule-id order). Nothing waits for a
+//! a start's per-user advisory lock, then booking rows (in id order), then
+//! seat rows (in `(row, col)` order), then last the per-schedule event
+//! counters (in schedule-id order). Nothing waits for a
 //! lock while holding a counter, so counters are held only until commit.
 
 use async_trait::async_trait;
@@ -51,6 +52,16 @@ const SEAT_HOLDERS: &str = "SELECT st.row_num, st.col_num, st.booking_id, \
        ON st.row_num = q.r AND st.col_num = q.c \
      JOIN bookings b ON b.id = st.booking_id \
      WHERE st.schedule_id = $1";
+
+/// Serializes one user's hold transactions (see `hold_attempt`).
+const LOCK_USER: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// Advisory-lock key of a user. Distinct from the migration lock's key
+/// space in practice; a collision between two users only serializes them.
+fn user_lock_key(user_id: Uuid) -> i64 {
+    let (hi, lo) = user_id.as_u64_pair();
+    (hi ^ lo) as i64
+}
 
 /// Expires one overdue hold. `clock_timestamp()`, not `now()`: after a lock
 /// wait `now()` is stale and would let an overdue hold live on.
@@ -354,6 +365,12 @@ async fn hold_attempt(
     expire_first: &[Uuid],
     events: &mut EventBatch,
 ) -> Result<HoldDecision, DbError> {
+    // One start at a time per user. Two concurrent starts of one user
+    // (a double click, two tabs) race on the same unique-index entries
+    // (one pending booking per user and schedule, the idempotency key),
+    // and concurrent speculative inserts on one key can deadlock each
+    // other inside PostgreSQL. Taken first, before any other lock.
+    query(tx, LOCK_USER, &[&user_lock_key(req.user_id)]).await?;
     for &id in expire_first {
         // Conditional: a no-op for a hold that ended meanwhile.
         expire_in_tx(tx, id, events).await?;
