@@ -72,17 +72,11 @@ pub fn seat_event_stream<G: Send + 'static>(
             Resume::Live => {}
             Resume::Invalid => yield Ok(Bytes::from_static(RESYNC_FRAME)),
             Resume::After(n) if n > newest => yield Ok(Bytes::from_static(RESYNC_FRAME)),
-            Resume::After(n) => match ctx.log.replay(schedule_id, n, newest).await {
-                Ok(events) => {
-                    for e in events {
-                        yield Ok(e.to_frame().bytes);
-                    }
+            Resume::After(n) => {
+                for f in replay_frames(&ctx.log, schedule_id, n, newest).await {
+                    yield Ok(f);
                 }
-                Err(e) => {
-                    tracing::debug!(schedule_id, error = %e, "resume impossible; resync");
-                    yield Ok(Bytes::from_static(RESYNC_FRAME));
-                }
-            },
+            }
         }
 
         loop {
@@ -99,16 +93,8 @@ pub fn seat_event_stream<G: Send + 'static>(
                         Some(next) if frame.id < next => continue,
                         Some(next) if frame.id > next => {
                             // A hole: fill it from the log, or resync.
-                            match ctx.log.replay(schedule_id, next - 1, frame.id - 1).await {
-                                Ok(events) => {
-                                    for e in events {
-                                        yield Ok(e.to_frame().bytes);
-                                    }
-                                }
-                                Err(e) => {
-                                    tracing::debug!(schedule_id, error = %e, "gap not fillable; resync");
-                                    yield Ok(Bytes::from_static(RESYNC_FRAME));
-                                }
+                            for f in replay_frames(&ctx.log, schedule_id, next - 1, frame.id - 1).await {
+                                yield Ok(f);
                             }
                         }
                         _ => {}
@@ -129,6 +115,18 @@ pub fn seat_event_stream<G: Send + 'static>(
                 }
                 Ok(Err(RecvError::Closed)) => break,
             }
+        }
+    }
+}
+
+/// The frames of the events `after < id <= upto`, or a resync frame when
+/// the log cannot provide every one of them (pruned, or unreachable).
+async fn replay_frames(log: &EventLog, schedule_id: i64, after: i64, upto: i64) -> Vec<Bytes> {
+    match log.replay(schedule_id, after, upto).await {
+        Ok(events) => events.iter().map(|e| e.to_frame().bytes).collect(),
+        Err(e) => {
+            tracing::debug!(schedule_id, after, upto, error = %e, "cannot replay; resync");
+            vec![Bytes::from_static(RESYNC_FRAME)]
         }
     }
 }
