@@ -133,6 +133,12 @@ impl Application {
             shutdown: CancellationToken::new(),
             metrics: metrics_handle(),
         };
+        if config.sweep_interval_ms > 1_500 {
+            tracing::warn!(
+                sweep_interval_ms = config.sweep_interval_ms,
+                "SWEEP_INTERVAL_MS above 1500: untouched expired holds may take longer than 2 s to be released"
+            );
+        }
         if state.admin_token.is_none() {
             tracing::warn!("ADMIN_TOKEN is not set: schedule creation is disabled");
         }
