@@ -844,7 +844,7 @@ async fn prefill(env: &BenchEnv, schedules: i32, pairs: i64) -> Result<()> {
             &[&ids],
         ),
         (
-            "UPDATE schedules SET last_event_id = $2 WHERE id = ANY($1)",
+            "UPDATE schedule_event_counters SET last_event_id = $2 WHERE schedule_id = ANY($1)",
             &[&ids, &i64::from(pairs)],
         ),
     ];

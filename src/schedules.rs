@@ -99,8 +99,12 @@ impl NewSchedule {
 
 /// Returns `starts_at` as stored: PostgreSQL keeps microseconds, and every
 /// replica must show the time the others read back from the table.
-const INSERT_SCHEDULE: &str = "INSERT INTO schedules (title, starts_at, rows, cols, blocked) \
-     VALUES ($1, $2, $3, $4, $5) RETURNING id, starts_at";
+/// With its event counter, in one statement.
+const INSERT_SCHEDULE: &str = "WITH s AS ( \
+       INSERT INTO schedules (title, starts_at, rows, cols, blocked) \
+       VALUES ($1, $2, $3, $4, $5) RETURNING id, starts_at \
+     ), c AS (INSERT INTO schedule_event_counters (schedule_id) SELECT id FROM s) \
+     SELECT id, starts_at FROM s";
 const SELECT_SCHEDULE: &str =
     "SELECT id, title, starts_at, rows, cols, blocked FROM schedules WHERE id = $1";
 const SELECT_SCHEDULES: &str =

@@ -45,13 +45,17 @@ const INSERT_SEATS: &str = "INSERT INTO schedule_seat_status \
      SELECT $1, s.r, s.c, $2, 'OCCUPIED', $3 FROM unnest($4::int2[], $5::int2[]) AS s(r, c) ORDER BY s.r, s.c \
      ON CONFLICT (schedule_id, row_num, col_num) DO NOTHING RETURNING row_num, col_num";
 
+/// One index probe per requested seat (`LATERAL ... OFFSET 0` keeps the
+/// planner from turning it into a scan of every held seat of the show, which
+/// it does while its statistics do not know the show yet: a sell-out would
+/// then cost O(held seats) per start).
 const SEAT_HOLDERS: &str = "SELECT st.row_num, st.col_num, st.booking_id, \
        (st.status = 'OCCUPIED' AND st.expires_at <= clock_timestamp()) AS overdue, \
        (st.status = 'OCCUPIED' AND b.user_id = $4) AS own_hold \
-     FROM schedule_seat_status st JOIN unnest($2::int2[], $3::int2[]) AS q(r, c) \
-       ON st.row_num = q.r AND st.col_num = q.c \
-     JOIN bookings b ON b.id = st.booking_id \
-     WHERE st.schedule_id = $1";
+     FROM unnest($2::int2[], $3::int2[]) AS q(r, c) \
+     CROSS JOIN LATERAL (SELECT * FROM schedule_seat_status s \
+       WHERE s.schedule_id = $1 AND s.row_num = q.r AND s.col_num = q.c OFFSET 0) st \
+     JOIN bookings b ON b.id = st.booking_id";
 
 /// Serializes one user's hold transactions (see `hold_attempt`).
 const LOCK_USER: &str = "SELECT pg_advisory_xact_lock($1)";
@@ -73,7 +77,8 @@ const DELETE_SEATS_OF: &str = "DELETE FROM schedule_seat_status WHERE booking_id
 /// Bumps the schedule's counter (its row lock orders event ids by commit),
 /// logs the event and notifies, all in one round trip.
 const APPEND_EVENT: &str = "WITH bumped AS ( \
-       UPDATE schedules SET last_event_id = last_event_id + 1 WHERE id = $1 RETURNING last_event_id \
+       UPDATE schedule_event_counters SET last_event_id = last_event_id + 1 \
+       WHERE schedule_id = $1 RETURNING last_event_id \
      ), logged AS ( \
        INSERT INTO seat_events (schedule_id, event_id, action, seats) \
        SELECT $1, last_event_id, $2, $3 FROM bumped RETURNING event_id \
@@ -106,16 +111,20 @@ const CANCEL_BOOKING: &str =
 
 /// Claims overdue holds; `SKIP LOCKED` lets sweepers on every replica run at
 /// once without two of them releasing the same hold or waiting on each other.
-const SWEEP_EXPIRED: &str =
-    "UPDATE bookings b SET status = 'EXPIRED', updated_at = clock_timestamp() \
-     FROM (SELECT id FROM bookings WHERE status = 'PENDING' AND expires_at <= clock_timestamp() \
-           ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) due \
-     WHERE b.id = due.id AND b.status = 'PENDING' \
+/// `(SELECT clock_timestamp())` is evaluated once, so the index scan on
+/// `expires_at` can stop at the first hold not yet due (a volatile call per
+/// row made every sweep read all pending holds: seconds with thousands).
+const SWEEP_EXPIRED: &str = "UPDATE bookings b SET status = 'EXPIRED', updated_at = clock_timestamp() \
+     WHERE b.id = ANY(ARRAY( \
+       SELECT id FROM bookings WHERE status = 'PENDING' AND expires_at <= (SELECT clock_timestamp()) \
+       ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+     AND b.status = 'PENDING' \
      RETURNING b.id, b.schedule_id, b.seats";
 
 /// One statement, so the counter and the seats come from one snapshot.
 const SNAPSHOT: &str = "SELECT sc.last_event_id, st.row_num, st.col_num, st.status \
-     FROM schedules sc LEFT JOIN schedule_seat_status st ON st.schedule_id = sc.id WHERE sc.id = $1";
+     FROM schedule_event_counters sc LEFT JOIN schedule_seat_status st ON st.schedule_id = sc.schedule_id \
+     WHERE sc.schedule_id = $1";
 
 /// How often a hold transaction is tried before the caller gets a 503: a
 /// start may need a round for each kind of overdue hold in its way (the

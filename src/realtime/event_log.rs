@@ -9,7 +9,8 @@ use crate::holds::{Seat, SeatAction};
 
 const EVENTS_AFTER: &str = "SELECT event_id, action, seats FROM seat_events \
      WHERE schedule_id = $1 AND event_id > $2 AND event_id <= $3 ORDER BY event_id LIMIT $4";
-const LAST_EVENT_ID: &str = "SELECT last_event_id FROM schedules WHERE id = $1";
+const LAST_EVENT_ID: &str =
+    "SELECT last_event_id FROM schedule_event_counters WHERE schedule_id = $1";
 
 /// Events fetched per query while replaying.
 const PAGE: i64 = 500;

@@ -748,8 +748,8 @@ async fn takeover_racing_a_sweep_does_not_deadlock() {
             .unwrap();
         sweeper
             .execute(
-                "WITH bumped AS (UPDATE schedules SET last_event_id = last_event_id + 1 \
-                   WHERE id = $1 RETURNING last_event_id) \
+                "WITH bumped AS (UPDATE schedule_event_counters SET last_event_id = last_event_id + 1 \
+                   WHERE schedule_id = $1 RETURNING last_event_id) \
                  INSERT INTO seat_events (schedule_id, event_id, action, seats) \
                  SELECT $1, last_event_id, 'RELEASED', $2 FROM bumped",
                 &[
