@@ -204,6 +204,11 @@ async fn query_opt(
     Ok(tx.query_opt(&stmt, params).await?)
 }
 
+/// Seats as the two parallel arrays the statements `unnest`.
+fn seat_arrays(seats: &[Seat]) -> (Vec<i16>, Vec<i16>) {
+    seats.iter().map(|s| (s.row, s.col)).unzip()
+}
+
 fn booking_from_row(row: &Row) -> Result<Booking, DbError> {
     let status: String = row.try_get(3)?;
     let Json(seats): Json<Vec<Seat>> = row.try_get(4)?;
@@ -275,8 +280,7 @@ async fn seat_holders(
     req: &HoldRequest,
     seats: &[Seat],
 ) -> Result<SeatHolders, DbError> {
-    let rows: Vec<i16> = seats.iter().map(|s| s.row).collect();
-    let cols: Vec<i16> = seats.iter().map(|s| s.col).collect();
+    let (rows, cols) = seat_arrays(seats);
     let holders = query(
         tx,
         SEAT_HOLDERS,
@@ -444,8 +448,7 @@ async fn hold_attempt(
     };
     let expires_at: DateTime<Utc> = row.try_get(0)?;
 
-    let rows: Vec<i16> = req.seats.iter().map(|s| s.row).collect();
-    let cols: Vec<i16> = req.seats.iter().map(|s| s.col).collect();
+    let (rows, cols) = seat_arrays(&req.seats);
     let inserted = query(
         tx,
         INSERT_SEATS,
