@@ -312,52 +312,34 @@ async fn seat_holders(
     Ok(out)
 }
 
-/// What an `Idempotency-Key` names.
-enum KeyLookup {
-    /// No live booking: go on and hold.
-    Free,
-    /// A live booking of the same request: answer with it.
-    Replay(Booking),
-    /// A live booking of another request.
-    Reused,
-    /// A pending booking that expired but was not swept: it frees the key
-    /// once released.
-    Overdue(Uuid),
-}
-
-async fn lookup_key(
+/// What the request's `Idempotency-Key` decides, if anything: a live
+/// booking of the same request is answered again, one of another request
+/// refuses, and an overdue one is released first (which frees the key).
+async fn decide_by_key(
     tx: &Transaction<'_>,
     req: &HoldRequest,
-    key: &str,
-) -> Result<KeyLookup, DbError> {
-    let Some(row) = query_opt(tx, FIND_BY_IDEMPOTENCY_KEY, &[&req.user_id, &key]).await? else {
-        return Ok(KeyLookup::Free);
+) -> Result<Option<HoldDecision>, DbError> {
+    let Some(key) = &req.idempotency_key else {
+        return Ok(None);
+    };
+    let Some(row) = query_opt(tx, FIND_BY_IDEMPOTENCY_KEY, &[&req.user_id, key]).await? else {
+        return Ok(None);
     };
     let booking = booking_from_row(&row)?;
     if row.try_get::<_, bool>(7)? {
-        return Ok(KeyLookup::Overdue(booking.id));
+        return Ok(Some(HoldDecision::ExpireFirst(vec![booking.id])));
     }
     let fingerprint: Option<String> = row.try_get(6)?;
-    Ok(
+    Ok(Some(
         if fingerprint.as_deref() == Some(req.fingerprint().as_str()) {
-            KeyLookup::Replay(booking)
+            HoldDecision::Commit(HoldOutcome {
+                booking,
+                replayed: true,
+            })
         } else {
-            KeyLookup::Reused
+            HoldDecision::Refuse(HoldError::IdempotencyKeyReused)
         },
-    )
-}
-
-/// The decision a key lookup forces, if any.
-fn key_decision(lookup: KeyLookup) -> Option<HoldDecision> {
-    match lookup {
-        KeyLookup::Free => None,
-        KeyLookup::Replay(booking) => Some(HoldDecision::Commit(HoldOutcome {
-            booking,
-            replayed: true,
-        })),
-        KeyLookup::Reused => Some(HoldDecision::Refuse(HoldError::IdempotencyKeyReused)),
-        KeyLookup::Overdue(id) => Some(HoldDecision::ExpireFirst(vec![id])),
-    }
+    ))
 }
 
 /// One try of the hold transaction. Events it queues in `events` are
@@ -389,10 +371,8 @@ async fn hold_attempt(
         expire_in_tx(tx, id, events).await?;
     }
 
-    if let Some(key) = &req.idempotency_key {
-        if let Some(decision) = key_decision(lookup_key(tx, req, key).await?) {
-            return Ok(decision);
-        }
+    if let Some(decision) = decide_by_key(tx, req).await? {
+        return Ok(decision);
     }
 
     // Who holds the seats, before anything is written: a live hold means
@@ -429,17 +409,13 @@ async fn hold_attempt(
             if row.try_get::<_, bool>(1)? {
                 return Ok(HoldDecision::ExpireFirst(vec![existing]));
             }
-            if let Some(key) = &req.idempotency_key {
-                if let Some(decision) = key_decision(lookup_key(tx, req, key).await?) {
-                    return Ok(decision);
-                }
+            if let Some(decision) = decide_by_key(tx, req).await? {
+                return Ok(decision);
             }
             return Ok(HoldDecision::Refuse(HoldError::BookingInProgress(existing)));
         }
-        if let Some(key) = &req.idempotency_key {
-            if let Some(decision) = key_decision(lookup_key(tx, req, key).await?) {
-                return Ok(decision);
-            }
+        if let Some(decision) = decide_by_key(tx, req).await? {
+            return Ok(decision);
         }
         // The conflicting booking ended after the insert saw it.
         return Err(DbError::Contended(
