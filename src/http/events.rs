@@ -74,7 +74,7 @@ pub async fn seat_stream(
     let header_id = headers
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("invalid"));
-    let resume = Resume::parse(header_id.or(query.get("lastEventId").map(String::as_str)));
+    let mut resume = Resume::parse(header_id.or(query.get("lastEventId").map(String::as_str)));
 
     let slot = StreamSlot::acquire(&state.sse_connections, state.limits.sse_max_connections)
         .ok_or(ApiError::TooManyStreams)?;
@@ -82,7 +82,6 @@ pub async fn seat_stream(
     // read can be missed.
     let generation = state.hubs.generation();
     let sub = state.hubs.subscribe(id);
-    let mut resume = resume;
     let mut newest = state
         .event_log
         .last_event_id(id)
