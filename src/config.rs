@@ -1,7 +1,8 @@
 //! Typed configuration, read once at start-up from flags and the environment.
 //!
 //! Every field can be set by a flag or by the environment variable named in
-//! `../shared/API.md`. Values are validated here, so a bad setting stops the
+//! its `env` attribute (the README's configuration table lists them all).
+//! Values are validated here, so a bad setting stops the
 //! process with one clear line instead of failing later under load.
 
 use std::net::IpAddr;
