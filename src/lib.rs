@@ -5,21 +5,23 @@
 //! - [`startup`]: builds a replica (pools, listener, sweeper, router) and runs it.
 //! - [`holds`]: the booking domain and the [`holds::SeatStore`] trait, with
 //!   the PostgreSQL store and the expiry sweeper.
-//! - [`schedules`]: showings and their seat layout.
+//! - [`schedules`]: showings, their seat grid, and the seat coordinates.
+//! - [`events`]: seat events as logged and notified, and their channel.
 //! - [`realtime`]: the per-replica LISTEN relay, per-schedule broadcast hubs,
 //!   SSE streams with resume, and event-log retention.
 //! - [`auth`]: guest tokens and the admin token.
-//! - [`http`]: thin handlers, extractors, OpenAPI, the seat-map page.
-//! - [`error`]: the one HTTP error type, rendered as problem+json.
-//! - [`db`], [`embedded_pg`], [`telemetry`]: plumbing.
+//! - [`http`]: thin handlers, extractors, the one HTTP error type
+//!   (problem+json), OpenAPI, the seat-map page.
+//! - [`db`], [`embedded_pg`], [`json`], [`telemetry`]: plumbing.
 
 pub mod auth;
 pub mod config;
 pub mod db;
 pub mod embedded_pg;
-pub mod error;
+pub mod events;
 pub mod holds;
 pub mod http;
+pub mod json;
 pub mod realtime;
 pub mod schedules;
 pub mod startup;

@@ -1,4 +1,4 @@
-//! Schedules: showings with their seat layout. A schedule never changes once
+//! Schedules: showings with their seat grid. A schedule never changes once
 //! created, so every replica caches the ones it has read.
 
 use std::collections::{BTreeSet, HashMap};
@@ -7,9 +7,89 @@ use std::sync::{Arc, RwLock};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use postgres_types::Json;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::db::{DbError, PgConn};
-use crate::holds::Seat;
+use crate::json::Object;
+
+/// A seat of a schedule's grid, 1-based; inside the grid by construction
+/// (see [`Grid::locate`]).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
+pub struct Seat {
+    pub row: i16,
+    pub col: i16,
+}
+
+/// A seat as a client named it, not yet checked against a grid. Wide
+/// integers, so an out-of-range value gets a range error naming the field
+/// rather than a type error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+pub struct RequestedSeat {
+    pub row: i64,
+    pub col: i64,
+}
+
+impl<'de> Deserialize<'de> for RequestedSeat {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            row: i64,
+            col: i64,
+        }
+        // `{"row": 1, "col": 5}` only: not the positional `[1, 5]` that a
+        // derived impl would also take.
+        let Object(Fields { row, col }) = Object::deserialize(deserializer)?;
+        Ok(RequestedSeat { row, col })
+    }
+}
+
+/// Why a requested seat is not in the grid: which coordinate, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutsideGrid {
+    /// `row` or `col`.
+    pub coordinate: &'static str,
+    pub reason: String,
+}
+
+/// The dimensions of a seat grid; the one place that decides whether a
+/// requested seat lies inside it.
+#[derive(Debug, Clone, Copy)]
+pub struct Grid {
+    pub rows: i64,
+    pub cols: i64,
+}
+
+impl Grid {
+    pub fn locate(&self, seat: RequestedSeat) -> Result<Seat, OutsideGrid> {
+        for (coordinate, value, max) in [("row", seat.row, self.rows), ("col", seat.col, self.cols)]
+        {
+            if !(1..=max).contains(&value) {
+                return Err(OutsideGrid {
+                    coordinate,
+                    reason: format!("{coordinate} {value} is outside 1..={max}"),
+                });
+            }
+        }
+        // Grids are at most MAX_GRID wide, so the casts cannot truncate.
+        Ok(Seat {
+            row: seat.row as i16,
+            col: seat.col as i16,
+        })
+    }
+}
 
 /// A showing and its grid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +102,15 @@ pub struct Schedule {
     pub blocked: Vec<Seat>,
 }
 
+impl Schedule {
+    pub fn grid(&self) -> Grid {
+        Grid {
+            rows: self.rows.into(),
+            cols: self.cols.into(),
+        }
+    }
+}
+
 /// A schedule to create, as the admin sent it.
 #[derive(Debug, Clone)]
 pub struct NewSchedule {
@@ -29,7 +118,7 @@ pub struct NewSchedule {
     pub starts_at: DateTime<Utc>,
     pub rows: i64,
     pub cols: i64,
-    pub blocked: Vec<(i64, i64)>,
+    pub blocked: Vec<RequestedSeat>,
 }
 
 /// A schedule that cannot be created as asked.
@@ -72,24 +161,16 @@ impl NewSchedule {
                 ));
             }
         }
+        let grid = Grid {
+            rows: self.rows,
+            cols: self.cols,
+        };
         let mut blocked = BTreeSet::new();
-        for (i, &(row, col)) in self.blocked.iter().enumerate() {
-            if !(1..=self.rows).contains(&row) {
-                return Err(invalid(
-                    format!("blocked[{i}].row"),
-                    format!("row {row} is outside 1..={}", self.rows),
-                ));
-            }
-            if !(1..=self.cols).contains(&col) {
-                return Err(invalid(
-                    format!("blocked[{i}].col"),
-                    format!("col {col} is outside 1..={}", self.cols),
-                ));
-            }
-            if !blocked.insert(Seat {
-                row: row as i16,
-                col: col as i16,
-            }) {
+        for (i, &requested) in self.blocked.iter().enumerate() {
+            let seat = grid
+                .locate(requested)
+                .map_err(|e| invalid(format!("blocked[{i}].{}", e.coordinate), e.reason))?;
+            if !blocked.insert(seat) {
                 return Err(invalid(format!("blocked[{i}]"), "seat listed twice".into()));
             }
         }
@@ -97,9 +178,9 @@ impl NewSchedule {
     }
 }
 
-/// Returns `starts_at` as stored: PostgreSQL keeps microseconds, and every
-/// replica must show the time the others read back from the table.
-/// With its event counter, in one statement.
+/// Creates the schedule and its event counter in one statement. Returns
+/// `starts_at` as stored: PostgreSQL keeps microseconds, and every replica
+/// must show the time the others read back from the table.
 const INSERT_SCHEDULE: &str = "WITH s AS ( \
        INSERT INTO schedules (title, starts_at, rows, cols, blocked) \
        VALUES ($1, $2, $3, $4, $5) RETURNING id, starts_at \

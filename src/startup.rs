@@ -26,7 +26,8 @@ use crate::realtime::event_log::EventLog;
 use crate::realtime::hub::ScheduleHubs;
 use crate::realtime::listener::ListenerRelay;
 use crate::realtime::retention::run_pruner;
-use crate::schedules::{NewSchedule, ScheduleCatalog};
+use crate::realtime::stream::SeatStreams;
+use crate::schedules::{NewSchedule, RequestedSeat, ScheduleCatalog};
 
 /// After SIGTERM, how long in-flight requests get before the process exits
 /// anyway (the contract allows 10 s in all).
@@ -60,6 +61,10 @@ pub struct Application {
     config: Config,
     embedded: Option<EmbeddedPostgres>,
     database_url: String,
+    /// What the listener relay feeds and reads: the same hubs and log the
+    /// streams in `state` serve from.
+    hubs: ScheduleHubs,
+    event_log: EventLog,
 }
 
 fn metrics_handle() -> Option<PrometheusHandle> {
@@ -112,6 +117,10 @@ impl Application {
             .map_err(|source| StartupError::Bind { addr, source })?;
 
         let secret = config.auth_secret.clone().unwrap_or_default();
+        // Events a viewer may fall behind before it is cut off (see `ScheduleHubs`).
+        let hubs = ScheduleHubs::new(config.sse_client_buffer as usize);
+        let event_log = EventLog::new(pool.clone());
+        let shutdown = CancellationToken::new();
         let state = AppState {
             store: Arc::new(PgSeatStore::new(pool.clone())) as Arc<dyn SeatStore>,
             schedules: ScheduleCatalog::new(pool.clone()),
@@ -120,17 +129,19 @@ impl Application {
             limits: Arc::new(Limits {
                 hold_seconds: config.hold_seconds,
                 max_seats_per_booking: config.max_seats_per_booking,
-                heartbeat: config.heartbeat(),
                 sse_max_connections: config.sse_max_connections as usize,
                 auth_guest: config.auth_guest,
             }),
-            pool: pool.clone(),
-            // Events a viewer may fall behind before it is cut off (see `ScheduleHubs`).
-            hubs: ScheduleHubs::new(config.sse_client_buffer as usize),
-            event_log: EventLog::new(pool),
+            pool,
+            streams: SeatStreams::new(
+                hubs.clone(),
+                event_log.clone(),
+                config.heartbeat(),
+                shutdown.clone(),
+            ),
             listener_ready: Arc::new(AtomicBool::new(false)),
             sse_connections: Arc::new(AtomicUsize::new(0)),
-            shutdown: CancellationToken::new(),
+            shutdown,
             metrics: metrics_handle(),
         };
         if config.sweep_interval_ms > 1_500 {
@@ -148,6 +159,8 @@ impl Application {
             config,
             embedded,
             database_url,
+            hubs,
+            event_log,
         })
     }
 
@@ -163,6 +176,8 @@ impl Application {
             config,
             embedded,
             database_url,
+            hubs,
+            event_log,
         } = self;
         let shutdown = state.shutdown.clone();
         let addr = listener.local_addr().map_err(StartupError::Serve)?;
@@ -204,8 +219,8 @@ impl Application {
         tasks.spawn(
             ListenerRelay::new(
                 listen_url,
-                state.hubs.clone(),
-                state.event_log.clone(),
+                hubs,
+                event_log,
                 state.listener_ready.clone(),
                 shutdown.clone(),
             )
@@ -276,7 +291,10 @@ async fn ensure_demo_schedule(state: &AppState) -> Option<i64> {
         starts_at: Utc::now() + ChronoDuration::days(30),
         rows: 10,
         cols: 20,
-        blocked: vec![(1, 1), (1, 20)],
+        blocked: vec![
+            RequestedSeat { row: 1, col: 1 },
+            RequestedSeat { row: 1, col: 20 },
+        ],
     };
     state.schedules.create(demo).await.ok().map(|s| s.id)
 }

@@ -14,26 +14,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::schedules::Schedule;
-
-/// A seat in a schedule's grid, 1-based.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    Serialize,
-    Deserialize,
-    utoipa::ToSchema,
-)]
-pub struct Seat {
-    pub row: i16,
-    pub col: i16,
-}
+use crate::events::SeatAction;
+use crate::schedules::{RequestedSeat, Schedule, Seat};
 
 /// Where a booking is in its life. Only `Pending` can change, and it changes
 /// exactly once.
@@ -62,34 +44,6 @@ impl BookingStatus {
             "CONFIRMED" => Self::Confirmed,
             "CANCELLED" => Self::Cancelled,
             "EXPIRED" => Self::Expired,
-            _ => return None,
-        })
-    }
-}
-
-/// What a seat event says happened to its seats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum SeatAction {
-    Occupied,
-    Confirmed,
-    Released,
-}
-
-impl SeatAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Occupied => "OCCUPIED",
-            Self::Confirmed => "CONFIRMED",
-            Self::Released => "RELEASED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "OCCUPIED" => Self::Occupied,
-            "CONFIRMED" => Self::Confirmed,
-            "RELEASED" => Self::Released,
             _ => return None,
         })
     }
@@ -206,13 +160,6 @@ pub trait SeatStore: Send + Sync + 'static {
     async fn seat_snapshot(&self, schedule_id: i64) -> Result<SeatSnapshot, HoldError>;
 }
 
-/// A seat as the client sent it, before it is checked against the grid.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestedSeat {
-    pub row: i64,
-    pub col: i64,
-}
-
 /// Checks a hold request against the schedule and returns the seats sorted.
 /// `field` prefixes name the offending element, e.g. `seats[2].col`.
 pub fn validate_seats(
@@ -236,26 +183,13 @@ pub fn validate_seats(
             ),
         ));
     }
+    let grid = schedule.grid();
     let blocked: BTreeSet<Seat> = schedule.blocked.iter().copied().collect();
     let mut seen = BTreeSet::new();
-    for (i, s) in requested.iter().enumerate() {
-        if s.row < 1 || s.row > i64::from(schedule.rows) {
-            return Err(invalid(
-                format!("seats[{i}].row"),
-                format!("row {} is outside 1..={}", s.row, schedule.rows),
-            ));
-        }
-        if s.col < 1 || s.col > i64::from(schedule.cols) {
-            return Err(invalid(
-                format!("seats[{i}].col"),
-                format!("col {} is outside 1..={}", s.col, schedule.cols),
-            ));
-        }
-        // In range of a grid of at most 100x100, so the casts cannot truncate.
-        let seat = Seat {
-            row: s.row as i16,
-            col: s.col as i16,
-        };
+    for (i, &s) in requested.iter().enumerate() {
+        let seat = grid
+            .locate(s)
+            .map_err(|e| invalid(format!("seats[{i}].{}", e.coordinate), e.reason))?;
         if blocked.contains(&seat) {
             return Err(invalid(
                 format!("seats[{i}]"),

@@ -8,22 +8,22 @@
 //! counters (in schedule-id order). Nothing waits for a
 //! lock while holding a counter, so counters are held only until commit.
 
+use std::future::Future;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Pool, Transaction};
-use postgres_types::{Json, ToSql};
+use postgres_types::{FromSql, Json, ToSql, Type};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{
-    Booking, BookingStatus, HoldError, HoldOutcome, HoldRequest, Seat, SeatAction, SeatSnapshot,
-    SeatState, SeatStore,
+    Booking, BookingStatus, HoldError, HoldOutcome, HoldRequest, SeatSnapshot, SeatState, SeatStore,
 };
 use crate::db::{DbError, PgConn};
-
-/// The channel every replica LISTENs on.
-pub const NOTIFY_CHANNEL: &str = "seatsync_seat_events";
+use crate::events::{SeatAction, NOTIFY_CHANNEL};
+use crate::schedules::Seat;
 
 const INSERT_BOOKING: &str = "INSERT INTO bookings \
        (id, schedule_id, user_id, status, seats, expires_at, idempotency_key, request_fingerprint) \
@@ -57,14 +57,20 @@ const SEAT_HOLDERS: &str = "SELECT st.row_num, st.col_num, st.booking_id, \
        WHERE s.schedule_id = $1 AND s.row_num = q.r AND s.col_num = q.c OFFSET 0) st \
      JOIN bookings b ON b.id = st.booking_id";
 
-/// Serializes one user's hold transactions (see `hold_attempt`).
-const LOCK_USER: &str = "SELECT pg_advisory_xact_lock($1)";
+/// Serializes one user's hold transactions (see `hold_attempt`). The
+/// two-integer form is a key space of its own: it can never meet the
+/// migration lock, which takes a single bigint key.
+const LOCK_USER: &str = "SELECT pg_advisory_xact_lock($1::int4, $2::int4)";
+/// First key of every per-user lock, so other two-integer advisory locks
+/// (of this or any other application on the database) keep out of its way.
+const USER_LOCK_CLASS: i32 = 0x5ea7_0001;
 
-/// Advisory-lock key of a user. Distinct from the migration lock's key
-/// space in practice; a collision between two users only serializes them.
-fn user_lock_key(user_id: Uuid) -> i64 {
+/// Second key of a user's lock. A collision between two users only
+/// serializes their starts.
+fn user_lock_key(user_id: Uuid) -> i32 {
     let (hi, lo) = user_id.as_u64_pair();
-    (hi ^ lo) as i64
+    let folded = hi ^ lo;
+    ((folded >> 32) ^ folded) as u32 as i32
 }
 
 /// Expires one overdue hold. `clock_timestamp()`, not `now()`: after a lock
@@ -83,7 +89,7 @@ const APPEND_EVENT: &str = "WITH bumped AS ( \
        INSERT INTO seat_events (schedule_id, event_id, action, seats) \
        SELECT $1, last_event_id, $2, $3 FROM bumped RETURNING event_id \
      ) \
-     SELECT event_id, pg_notify('seatsync_seat_events', json_build_object( \
+     SELECT event_id, pg_notify($4, json_build_object( \
        'scheduleId', $1::bigint, 'eventId', event_id, 'action', $2::text, 'seats', $3::jsonb)::text)::text \
      FROM logged";
 
@@ -170,7 +176,12 @@ impl EventBatch {
         for e in &self.0 {
             tx.query_one(
                 &stmt,
-                &[&e.schedule_id, &e.action.as_str(), &Json(&e.seats)],
+                &[
+                    &e.schedule_id,
+                    &e.action.as_str(),
+                    &Json(&e.seats),
+                    &NOTIFY_CHANNEL,
+                ],
             )
             .await?;
         }
@@ -178,9 +189,13 @@ impl EventBatch {
     }
 }
 
-/// What one attempt of a hold transaction decided.
-enum HoldDecision {
-    Commit(HoldOutcome),
+/// What one attempt of a store transaction decided. Failing is the other
+/// way an attempt ends: a [`DbError`], retried when it is a lost race.
+enum Decision<T> {
+    /// Append the queued events, commit, and answer this. A refusal may
+    /// commit too: an overdue booking released on the way stays released.
+    Commit(Result<T, HoldError>),
+    /// Roll back and refuse: nothing the attempt did stays.
     Refuse(HoldError),
     /// Roll back and try again, releasing these overdue holds first.
     ExpireFirst(Vec<Uuid>),
@@ -209,15 +224,29 @@ fn seat_arrays(seats: &[Seat]) -> (Vec<i16>, Vec<i16>) {
     seats.iter().map(|s| (s.row, s.col)).unzip()
 }
 
+/// Read from `bookings.status`. A value the CHECK constraint does not allow
+/// is an error, never a guess.
+impl<'a> FromSql<'a> for BookingStatus {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let s = <&str as FromSql>::from_sql(ty, raw)?;
+        Self::parse(s).ok_or_else(|| format!("unknown booking status {s:?}").into())
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as FromSql>::accepts(ty)
+    }
+}
+
 fn booking_from_row(row: &Row) -> Result<Booking, DbError> {
-    let status: String = row.try_get(3)?;
     let Json(seats): Json<Vec<Seat>> = row.try_get(4)?;
     Ok(Booking {
         id: row.try_get(0)?,
         schedule_id: row.try_get(1)?,
         user_id: row.try_get(2)?,
-        // The CHECK constraint allows nothing else.
-        status: BookingStatus::parse(&status).unwrap_or(BookingStatus::Expired),
+        status: row.try_get(3)?,
         seats,
         expires_at: row.try_get(5)?,
     })
@@ -260,16 +289,16 @@ impl SeatHolders {
     /// What the holders force, if anything. The user's own pending hold is
     /// reported as such (`booking_in_progress` names it) rather than as
     /// taken seats.
-    fn decision(self) -> Option<HoldDecision> {
+    fn decision(self) -> Option<Decision<HoldOutcome>> {
         if let Some(own) = self.own_hold {
-            return Some(HoldDecision::Refuse(HoldError::BookingInProgress(own)));
+            return Some(Decision::Refuse(HoldError::BookingInProgress(own)));
         }
         if !self.taken.is_empty() {
-            return Some(HoldDecision::Refuse(HoldError::SeatsTaken(self.taken)));
+            return Some(Decision::Refuse(HoldError::SeatsTaken(self.taken)));
         }
         if !self.overdue.is_empty() {
             // An expired hold must never cause a 409: release it, first.
-            return Some(HoldDecision::ExpireFirst(self.overdue));
+            return Some(Decision::ExpireFirst(self.overdue));
         }
         None
     }
@@ -318,7 +347,7 @@ async fn seat_holders(
 async fn decide_by_key(
     tx: &Transaction<'_>,
     req: &HoldRequest,
-) -> Result<Option<HoldDecision>, DbError> {
+) -> Result<Option<Decision<HoldOutcome>>, DbError> {
     let Some(key) = &req.idempotency_key else {
         return Ok(None);
     };
@@ -327,23 +356,23 @@ async fn decide_by_key(
     };
     let booking = booking_from_row(&row)?;
     if row.try_get::<_, bool>(7)? {
-        return Ok(Some(HoldDecision::ExpireFirst(vec![booking.id])));
+        return Ok(Some(Decision::ExpireFirst(vec![booking.id])));
     }
     let fingerprint: Option<String> = row.try_get(6)?;
     Ok(Some(
         if fingerprint.as_deref() == Some(req.fingerprint().as_str()) {
-            HoldDecision::Commit(HoldOutcome {
+            Decision::Commit(Ok(HoldOutcome {
                 booking,
                 replayed: true,
-            })
+            }))
         } else {
-            HoldDecision::Refuse(HoldError::IdempotencyKeyReused)
+            Decision::Refuse(HoldError::IdempotencyKeyReused)
         },
     ))
 }
 
 /// One try of the hold transaction. Events it queues in `events` are
-/// appended by the caller if, and only if, the decision is to commit.
+/// appended if, and only if, the decision is to commit.
 ///
 /// The common case: look at the seats' holders (none), insert the booking,
 /// insert the seats in one sorted statement, done. When an expired but
@@ -359,13 +388,18 @@ async fn hold_attempt(
     hold_seconds: i32,
     expire_first: &[Uuid],
     events: &mut EventBatch,
-) -> Result<HoldDecision, DbError> {
+) -> Result<Decision<HoldOutcome>, DbError> {
     // One start at a time per user. Two concurrent starts of one user
     // (a double click, two tabs) race on the same unique-index entries
     // (one pending booking per user and schedule, the idempotency key),
     // and concurrent speculative inserts on one key can deadlock each
     // other inside PostgreSQL. Taken first, before any other lock.
-    query(tx, LOCK_USER, &[&user_lock_key(req.user_id)]).await?;
+    query(
+        tx,
+        LOCK_USER,
+        &[&USER_LOCK_CLASS, &user_lock_key(req.user_id)],
+    )
+    .await?;
     for &id in expire_first {
         // Conditional: a no-op for a hold that ended meanwhile.
         expire_in_tx(tx, id, events).await?;
@@ -407,12 +441,12 @@ async fn hold_attempt(
         {
             let existing: Uuid = row.try_get(0)?;
             if row.try_get::<_, bool>(1)? {
-                return Ok(HoldDecision::ExpireFirst(vec![existing]));
+                return Ok(Decision::ExpireFirst(vec![existing]));
             }
             if let Some(decision) = decide_by_key(tx, req).await? {
                 return Ok(decision);
             }
-            return Ok(HoldDecision::Refuse(HoldError::BookingInProgress(existing)));
+            return Ok(Decision::Refuse(HoldError::BookingInProgress(existing)));
         }
         if let Some(decision) = decide_by_key(tx, req).await? {
             return Ok(decision);
@@ -449,7 +483,7 @@ async fn hold_attempt(
     }
 
     events.push(req.schedule_id, SeatAction::Occupied, req.seats.clone());
-    Ok(HoldDecision::Commit(HoldOutcome {
+    Ok(Decision::Commit(Ok(HoldOutcome {
         booking: Booking {
             id: booking_id,
             schedule_id: req.schedule_id,
@@ -459,7 +493,7 @@ async fn hold_attempt(
             expires_at,
         },
         replayed: false,
-    }))
+    })))
 }
 
 /// Which terminal transition a pending booking is asked to make.
@@ -474,39 +508,31 @@ async fn transition_attempt(
     user_id: Uuid,
     booking_id: Uuid,
     to: Transition,
-) -> Result<Result<Booking, HoldError>, DbError> {
-    let mut events = EventBatch::default();
+    events: &mut EventBatch,
+) -> Result<Decision<Booking>, DbError> {
     let sql = match to {
         Transition::Confirm => CONFIRM_BOOKING,
         Transition::Cancel => CANCEL_BOOKING,
     };
     if let Some(row) = query_opt(tx, sql, &[&booking_id, &user_id]).await? {
         let booking = booking_from_row(&row)?;
-        match to {
+        let action = match to {
             Transition::Confirm => {
                 query(tx, CONFIRM_SEATS, &[&booking_id]).await?;
-                events.push(
-                    booking.schedule_id,
-                    SeatAction::Confirmed,
-                    booking.seats.clone(),
-                );
+                SeatAction::Confirmed
             }
             Transition::Cancel => {
                 query(tx, DELETE_SEATS_OF, &[&vec![booking_id]]).await?;
-                events.push(
-                    booking.schedule_id,
-                    SeatAction::Released,
-                    booking.seats.clone(),
-                );
+                SeatAction::Released
             }
-        }
-        events.append(tx).await?;
-        return Ok(Ok(booking));
+        };
+        events.push(booking.schedule_id, action, booking.seats.clone());
+        return Ok(Decision::Commit(Ok(booking)));
     }
     // Not pending and in time: find out why, under the row lock so the
     // answer cannot change before we give it.
     let Some(row) = query_opt(tx, LOCK_BOOKING, &[&booking_id, &user_id]).await? else {
-        return Ok(Err(HoldError::BookingNotFound));
+        return Ok(Decision::Refuse(HoldError::BookingNotFound));
     };
     let booking = booking_from_row(&row)?;
     let overdue: bool = row.try_get(6)?;
@@ -514,29 +540,35 @@ async fn transition_attempt(
         (BookingStatus::Pending, _) if overdue => {
             // Expired but not swept yet: release it now, so the RELEASED
             // event follows the refusal promptly.
-            expire_in_tx(tx, booking.id, &mut events).await?;
-            events.append(tx).await?;
-            Err(HoldError::BookingExpired)
+            expire_in_tx(tx, booking.id, events).await?;
+            Decision::Commit(Err(HoldError::BookingExpired))
         }
         (BookingStatus::Confirmed, Transition::Confirm)
-        | (BookingStatus::Cancelled, Transition::Cancel) => Ok(booking),
-        (BookingStatus::Confirmed, Transition::Cancel) => Err(HoldError::BookingConfirmed),
-        (BookingStatus::Cancelled, Transition::Confirm) => Err(HoldError::BookingCancelled),
-        (BookingStatus::Expired, _) => Err(HoldError::BookingExpired),
+        | (BookingStatus::Cancelled, Transition::Cancel) => Decision::Commit(Ok(booking)),
+        (BookingStatus::Confirmed, Transition::Cancel) => {
+            Decision::Refuse(HoldError::BookingConfirmed)
+        }
+        (BookingStatus::Cancelled, Transition::Confirm) => {
+            Decision::Refuse(HoldError::BookingCancelled)
+        }
+        (BookingStatus::Expired, _) => Decision::Refuse(HoldError::BookingExpired),
         // Pending and in time, yet the update did not match: it changed
-        // between the two statements. The caller's retry will settle it.
+        // between the two statements. The retry will settle it.
         (BookingStatus::Pending, _) => {
             return Err(DbError::Contended("booking changed concurrently"))
         }
     })
 }
 
-async fn sweep_in_tx(tx: &Transaction<'_>, limit: i64) -> Result<usize, DbError> {
+async fn sweep_in_tx(
+    tx: &Transaction<'_>,
+    limit: i64,
+    events: &mut EventBatch,
+) -> Result<Decision<usize>, DbError> {
     let rows = query(tx, SWEEP_EXPIRED, &[&limit]).await?;
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(Decision::Commit(Ok(0)));
     }
-    let mut events = EventBatch::default();
     let mut ids = Vec::with_capacity(rows.len());
     for row in &rows {
         let id: Uuid = row.try_get(0)?;
@@ -546,13 +578,135 @@ async fn sweep_in_tx(tx: &Transaction<'_>, limit: i64) -> Result<usize, DbError>
         events.push(row.try_get(1)?, SeatAction::Released, seats);
     }
     query(tx, DELETE_SEATS_OF, &[&ids]).await?;
-    events.append(tx).await?;
-    Ok(rows.len())
+    Ok(Decision::Commit(Ok(rows.len())))
 }
 
 impl From<DbError> for HoldError {
     fn from(e: DbError) -> Self {
         HoldError::Unavailable(e.to_string())
+    }
+}
+
+/// One kind of store transaction: what each attempt does. Run by
+/// [`PgSeatStore::in_transaction`], which commits, rolls back or tries
+/// again as the attempt decides.
+trait TxAttempt: Sync {
+    type Output: Send;
+
+    fn attempt<'a>(
+        &'a self,
+        tx: &'a Transaction<'a>,
+        expire_first: &'a [Uuid],
+        events: &'a mut EventBatch,
+    ) -> impl Future<Output = Result<Decision<Self::Output>, DbError>> + Send + 'a;
+}
+
+/// Start: hold the request's seats.
+struct Hold<'r> {
+    req: &'r HoldRequest,
+    hold_seconds: i32,
+}
+
+impl TxAttempt for Hold<'_> {
+    type Output = HoldOutcome;
+
+    fn attempt<'a>(
+        &'a self,
+        tx: &'a Transaction<'a>,
+        expire_first: &'a [Uuid],
+        events: &'a mut EventBatch,
+    ) -> impl Future<Output = Result<Decision<HoldOutcome>, DbError>> + Send + 'a {
+        hold_attempt(tx, self.req, self.hold_seconds, expire_first, events)
+    }
+}
+
+/// Confirm or cancel: move a pending booking to its end.
+struct Move {
+    user_id: Uuid,
+    booking_id: Uuid,
+    to: Transition,
+}
+
+impl TxAttempt for Move {
+    type Output = Booking;
+
+    fn attempt<'a>(
+        &'a self,
+        tx: &'a Transaction<'a>,
+        _expire_first: &'a [Uuid],
+        events: &'a mut EventBatch,
+    ) -> impl Future<Output = Result<Decision<Booking>, DbError>> + Send + 'a {
+        transition_attempt(tx, self.user_id, self.booking_id, self.to, events)
+    }
+}
+
+/// Expire overdue holds.
+struct Sweep {
+    limit: i64,
+}
+
+impl TxAttempt for Sweep {
+    type Output = usize;
+
+    fn attempt<'a>(
+        &'a self,
+        tx: &'a Transaction<'a>,
+        _expire_first: &'a [Uuid],
+        events: &'a mut EventBatch,
+    ) -> impl Future<Output = Result<Decision<usize>, DbError>> + Send + 'a {
+        sweep_in_tx(tx, self.limit, events)
+    }
+}
+
+impl PgSeatStore {
+    /// Runs `attempt` in a transaction until it decides, retrying lost
+    /// races (deadlocks, serialization failures, [`DbError::Contended`]) up
+    /// to [`MAX_TX_ATTEMPTS`] times. Overdue holds an attempt found in its
+    /// way reach the next attempt sorted and unique, so every transaction
+    /// locks them in the same order.
+    async fn in_transaction<A: TxAttempt>(
+        &self,
+        what: &'static str,
+        attempt: A,
+    ) -> Result<A::Output, HoldError> {
+        let mut client = PgConn::get(&self.pool).await?;
+        let mut expire_first: Vec<Uuid> = Vec::new();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let result = async {
+                let tx = client.transaction().await?;
+                let mut events = EventBatch::default();
+                match attempt.attempt(&tx, &expire_first, &mut events).await? {
+                    Decision::Commit(answer) => {
+                        events.append(&tx).await?;
+                        tx.commit().await?;
+                        Ok(answer)
+                    }
+                    Decision::Refuse(refusal) => {
+                        // Includes any overdue holds it cleared: the
+                        // sweeper releases those, with their events.
+                        tx.rollback().await?;
+                        Ok(Err(refusal))
+                    }
+                    Decision::ExpireFirst(ids) => {
+                        tx.rollback().await?;
+                        expire_first.extend(ids);
+                        expire_first.sort();
+                        expire_first.dedup();
+                        Err(DbError::Contended("overdue holds in the way"))
+                    }
+                }
+            }
+            .await;
+            match result {
+                Ok(answer) => return answer,
+                Err(e) if tries < MAX_TX_ATTEMPTS && is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt = tries, "{what} transaction retried");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
@@ -564,48 +718,14 @@ impl SeatStore for PgSeatStore {
         hold_seconds: u32,
     ) -> Result<HoldOutcome, HoldError> {
         let hold_seconds = i32::try_from(hold_seconds).unwrap_or(i32::MAX);
-        let mut client = PgConn::get(&self.pool).await?;
-        // Overdue holds found by earlier attempts, kept sorted and unique so
-        // every transaction locks them in the same order.
-        let mut expire_first: Vec<Uuid> = Vec::new();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let tx = client.transaction().await.map_err(DbError::from)?;
-            let mut events = EventBatch::default();
-            let result =
-                match hold_attempt(&tx, &req, hold_seconds, &expire_first, &mut events).await {
-                    Ok(HoldDecision::Commit(outcome)) => {
-                        async {
-                            events.append(&tx).await?;
-                            tx.commit().await?;
-                            Ok(outcome)
-                        }
-                        .await
-                    }
-                    Ok(HoldDecision::Refuse(err)) => {
-                        // Rolls back, including any overdue holds it
-                        // cleared: the sweeper releases those with events.
-                        tx.rollback().await.map_err(DbError::from)?;
-                        return Err(err);
-                    }
-                    Ok(HoldDecision::ExpireFirst(ids)) => {
-                        tx.rollback().await.map_err(DbError::from)?;
-                        expire_first.extend(ids);
-                        expire_first.sort();
-                        expire_first.dedup();
-                        Err(DbError::Contended("overdue holds in the way"))
-                    }
-                    Err(e) => Err(e),
-                };
-            match result {
-                Ok(outcome) => return Ok(outcome),
-                Err(e) if attempt < MAX_TX_ATTEMPTS && is_retryable(&e) => {
-                    tracing::debug!(error = %e, attempt, "hold transaction retried");
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.in_transaction(
+            "hold",
+            Hold {
+                req: &req,
+                hold_seconds,
+            },
+        )
+        .await
     }
 
     async fn booking(&self, user_id: Uuid, booking_id: Uuid) -> Result<Booking, HoldError> {
@@ -625,21 +745,31 @@ impl SeatStore for PgSeatStore {
     }
 
     async fn confirm(&self, user_id: Uuid, booking_id: Uuid) -> Result<Booking, HoldError> {
-        self.transition(user_id, booking_id, Transition::Confirm)
-            .await
+        self.in_transaction(
+            "confirm",
+            Move {
+                user_id,
+                booking_id,
+                to: Transition::Confirm,
+            },
+        )
+        .await
     }
 
     async fn cancel(&self, user_id: Uuid, booking_id: Uuid) -> Result<Booking, HoldError> {
-        self.transition(user_id, booking_id, Transition::Cancel)
-            .await
+        self.in_transaction(
+            "cancel",
+            Move {
+                user_id,
+                booking_id,
+                to: Transition::Cancel,
+            },
+        )
+        .await
     }
 
     async fn release_expired(&self, limit: i64) -> Result<usize, HoldError> {
-        let mut client = PgConn::get(&self.pool).await?;
-        let tx = client.transaction().await.map_err(DbError::from)?;
-        let released = sweep_in_tx(&tx, limit).await?;
-        tx.commit().await.map_err(DbError::from)?;
-        Ok(released)
+        self.in_transaction("sweep", Sweep { limit }).await
     }
 
     async fn seat_snapshot(&self, schedule_id: i64) -> Result<SeatSnapshot, HoldError> {
@@ -658,17 +788,18 @@ impl SeatStore for PgSeatStore {
         let last_event_id: i64 = first.try_get(0).map_err(DbError::from)?;
         let mut seats = Vec::with_capacity(rows.len());
         for row in &rows {
-            let (Some(r), Some(c), Some(status)) = (
+            // A schedule with no held seat comes back as one row of NULLs.
+            let (Some(row_num), Some(col), Some(status)) = (
                 row.try_get::<_, Option<i16>>(1).map_err(DbError::from)?,
                 row.try_get::<_, Option<i16>>(2).map_err(DbError::from)?,
-                row.try_get::<_, Option<String>>(3).map_err(DbError::from)?,
+                row.try_get::<_, Option<SeatAction>>(3)
+                    .map_err(DbError::from)?,
             ) else {
                 continue;
             };
-            let status = SeatAction::parse(&status).unwrap_or(SeatAction::Occupied);
             seats.push(SeatState {
-                row: r,
-                col: c,
+                row: row_num,
+                col,
                 status,
             });
         }
@@ -677,32 +808,5 @@ impl SeatStore for PgSeatStore {
             last_event_id,
             seats,
         })
-    }
-}
-
-impl PgSeatStore {
-    async fn transition(
-        &self,
-        user_id: Uuid,
-        booking_id: Uuid,
-        to: Transition,
-    ) -> Result<Booking, HoldError> {
-        let mut client = PgConn::get(&self.pool).await?;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let tx = client.transaction().await.map_err(DbError::from)?;
-            let result = match transition_attempt(&tx, user_id, booking_id, to).await {
-                Ok(r) => tx.commit().await.map(|()| r).map_err(DbError::from),
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(r) => return r,
-                Err(e) if attempt < MAX_TX_ATTEMPTS && is_retryable(&e) => {
-                    tracing::debug!(error = %e, attempt, "booking transition retried");
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
     }
 }

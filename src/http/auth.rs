@@ -4,9 +4,9 @@ use axum::extract::FromRequestParts;
 use axum::http::{header, request::Parts};
 use uuid::Uuid;
 
+use super::error::ApiError;
 use super::AppState;
 use crate::auth::constant_time_eq;
-use crate::error::ApiError;
 
 /// The user a valid bearer token speaks for.
 pub struct User(pub Uuid);
@@ -84,7 +84,7 @@ pub struct GuestTokenResponse {
 #[utoipa::path(post, path = "/api/auth/guest", tag = "auth",
     responses(
         (status = 201, body = GuestTokenResponse),
-        (status = 403, body = crate::error::Problem, content_type = "application/problem+json",
+        (status = 403, body = super::error::Problem, content_type = "application/problem+json",
          description = "guest tokens are disabled (AUTH_GUEST=false)"),
     ))]
 pub async fn issue_guest_token(

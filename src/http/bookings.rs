@@ -10,11 +10,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::auth::User;
+use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, BookingIdPath};
-use super::schedules::SeatInput;
 use super::AppState;
-use crate::error::{ApiError, Problem};
-use crate::holds::{validate_seats, Booking, BookingStatus, HoldRequest, RequestedSeat, Seat};
+use crate::holds::{validate_seats, Booking, BookingStatus, HoldError, HoldRequest};
+use crate::schedules::{RequestedSeat, Seat};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -29,7 +29,7 @@ pub fn router() -> Router<AppState> {
 pub struct StartBookingRequest {
     pub schedule_id: i64,
     /// 1..=maxSeatsPerBooking distinct, bookable seats.
-    pub seats: Vec<SeatInput>,
+    pub seats: Vec<RequestedSeat>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -106,15 +106,7 @@ pub async fn start_booking(
         .get(req.schedule_id)
         .await?
         .ok_or(ApiError::ScheduleNotFound(req.schedule_id))?;
-    let requested: Vec<RequestedSeat> = req
-        .seats
-        .iter()
-        .map(|s| RequestedSeat {
-            row: s.row,
-            col: s.col,
-        })
-        .collect();
-    let seats = validate_seats(&schedule, &requested, state.limits.max_seats_per_booking)?;
+    let seats = validate_seats(&schedule, &req.seats, state.limits.max_seats_per_booking)?;
     let request = HoldRequest {
         user_id,
         schedule_id: schedule.id,
@@ -128,7 +120,7 @@ pub async fn start_booking(
     let label = match &result {
         Ok(o) if o.replayed => "replayed",
         Ok(_) => "held",
-        Err(crate::holds::HoldError::SeatsTaken(_)) => "seats_taken",
+        Err(HoldError::SeatsTaken(_)) => "seats_taken",
         Err(_) => "refused",
     };
     metrics::counter!("seatsync_booking_starts_total", "outcome" => label).increment(1);

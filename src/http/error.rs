@@ -4,13 +4,13 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
 use crate::auth::AuthError;
 use crate::db::DbError;
-use crate::holds::{HoldError, Seat};
-use crate::schedules::ScheduleError;
+use crate::holds::HoldError;
+use crate::realtime::stream::OpenError;
+use crate::schedules::{ScheduleError, Seat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -27,8 +27,6 @@ pub enum ApiError {
     Forbidden(String),
     #[error("schedule {0} does not exist")]
     ScheduleNotFound(i64),
-    #[error("booking not found")]
-    BookingNotFound,
     #[error("no such resource")]
     RouteNotFound,
     #[error("method not allowed")]
@@ -72,7 +70,7 @@ impl ApiError {
                 "schedule_not_found",
                 "Schedule not found",
             ),
-            ApiError::BookingNotFound | ApiError::Hold(H::BookingNotFound) => (
+            ApiError::Hold(H::BookingNotFound) => (
                 StatusCode::NOT_FOUND,
                 "booking_not_found",
                 "Booking not found",
@@ -132,29 +130,11 @@ impl ApiError {
         }
     }
 
-    fn extra(&self) -> Map<String, Value> {
-        let mut m = Map::new();
-        match self {
-            ApiError::InvalidRequest { field: Some(f), .. }
-            | ApiError::Hold(HoldError::InvalidRequest { field: f, .. }) => {
-                m.insert("field".into(), json!(f));
-            }
-            ApiError::Hold(HoldError::SeatsTaken(seats)) => {
-                m.insert("seats".into(), json!(seats));
-            }
-            ApiError::Hold(HoldError::BookingInProgress(id)) => {
-                m.insert("bookingId".into(), json!(id));
-            }
-            _ => {}
-        }
-        m
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    /// The problem body: the members every problem has, and the extra
+    /// ones of its code.
+    fn problem(&self) -> (StatusCode, Problem) {
         let (status, code, title) = self.parts();
-        let detail = match &self {
+        let detail = match self {
             // Never leak database internals to clients; they go to the log.
             ApiError::Hold(HoldError::Unavailable(e)) | ApiError::Unavailable(e) => {
                 tracing::warn!(error = %e, "request failed: store unavailable");
@@ -166,14 +146,33 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut body = Map::new();
-        body.insert("type".into(), json!(format!("urn:seatsync:problem:{code}")));
-        body.insert("title".into(), json!(title));
-        body.insert("status".into(), json!(status.as_u16()));
-        body.insert("detail".into(), json!(detail));
-        body.insert("code".into(), json!(code));
-        body.extend(self.extra());
-        let mut response = (status, axum::Json(Value::Object(body))).into_response();
+        let mut problem = Problem {
+            r#type: format!("urn:seatsync:problem:{code}"),
+            title,
+            status: status.as_u16(),
+            detail,
+            code,
+            field: None,
+            seats: None,
+            booking_id: None,
+        };
+        match self {
+            ApiError::InvalidRequest { field, .. } => problem.field = field.clone(),
+            ApiError::Hold(HoldError::InvalidRequest { field, .. }) => {
+                problem.field = Some(field.clone())
+            }
+            ApiError::Hold(HoldError::SeatsTaken(seats)) => problem.seats = Some(seats.clone()),
+            ApiError::Hold(HoldError::BookingInProgress(id)) => problem.booking_id = Some(*id),
+            _ => {}
+        }
+        (status, problem)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, problem) = self.problem();
+        let mut response = (status, axum::Json(problem)).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -201,6 +200,15 @@ impl From<HoldError> for ApiError {
     }
 }
 
+impl From<OpenError> for ApiError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::ScheduleNotFound(id) => ApiError::ScheduleNotFound(id),
+            OpenError::Db(e) => e.into(),
+        }
+    }
+}
+
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         ApiError::Unavailable(e.to_string())
@@ -225,21 +233,25 @@ impl From<AuthError> for ApiError {
     }
 }
 
-/// For the OpenAPI document: the shape of every error body.
-#[derive(serde::Serialize, utoipa::ToSchema)]
+/// Every error body (RFC 9457), as sent and as the OpenAPI document
+/// describes it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Problem {
     /// URI naming the problem type.
     r#type: String,
-    title: String,
+    title: &'static str,
     status: u16,
     detail: String,
     /// Stable, machine-readable error code.
-    code: String,
+    code: &'static str,
     /// The offending field, for `invalid_request`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<String>,
     /// For `seats_taken`: the requested seats that are held or sold.
+    #[serde(skip_serializing_if = "Option::is_none")]
     seats: Option<Vec<Seat>>,
     /// For `booking_in_progress`: the user's pending booking.
+    #[serde(skip_serializing_if = "Option::is_none")]
     booking_id: Option<Uuid>,
 }

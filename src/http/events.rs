@@ -11,10 +11,10 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 
+use super::error::{ApiError, Problem};
 use super::extract::ScheduleIdPath;
 use super::AppState;
-use crate::error::{ApiError, Problem};
-use crate::realtime::stream::{seat_event_stream, Resume, StreamContext};
+use crate::realtime::stream::Resume;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/api/schedules/{id}/seats/stream", get(seat_stream))
@@ -74,44 +74,11 @@ pub async fn seat_stream(
     let header_id = headers
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("invalid"));
-    let mut resume = Resume::parse(header_id.or(query.get("lastEventId").map(String::as_str)));
+    let resume = Resume::parse(header_id.or(query.get("lastEventId").map(String::as_str)));
 
     let slot = StreamSlot::acquire(&state.sse_connections, state.limits.sse_max_connections)
         .ok_or(ApiError::TooManyStreams)?;
-    // Subscribe before reading the position: nothing committed after the
-    // read can be missed.
-    let generation = state.hubs.generation();
-    let sub = state.hubs.subscribe(id);
-    let mut newest = state
-        .event_log
-        .last_event_id(id)
-        .await?
-        .ok_or(ApiError::ScheduleNotFound(id))?;
-    // At once, not when the stream is first polled: if the listener
-    // reconnects later, its gap replay covers this client too.
-    state.hubs.register_position(id, newest);
-    if state.hubs.generation() != generation {
-        // The listener reconnected while we subscribed, and its gap replay
-        // may have run before we registered: events committed while it was
-        // down were never notified. Replay up to now ourselves.
-        let now = state
-            .event_log
-            .last_event_id(id)
-            .await?
-            .ok_or(ApiError::ScheduleNotFound(id))?;
-        if resume == Resume::Live {
-            resume = Resume::After(newest);
-        }
-        newest = now;
-    }
-
-    let ctx = StreamContext {
-        log: state.event_log.clone(),
-        hubs: state.hubs.clone(),
-        heartbeat: state.limits.heartbeat,
-        shutdown: state.shutdown.clone(),
-    };
-    let stream = seat_event_stream(ctx, sub, resume, newest, slot);
+    let stream = state.streams.open(id, resume, slot).await?;
     let mut response = Response::new(Body::from_stream(stream));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();

@@ -3,16 +3,13 @@
 
 use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
-use std::fmt;
-use std::marker::PhantomData;
 
 use axum::http::{header, request::Parts};
-use serde::de::value::MapAccessDeserializer;
-use serde::de::{DeserializeOwned, Deserializer, MapAccess, Visitor};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use super::error::ApiError;
+use crate::json::Object;
 
 /// Largest request body accepted anywhere.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -55,34 +52,6 @@ where
                 limit: MAX_BODY_BYTES,
             })?;
         parse_json(&bytes).map(ApiJson)
-    }
-}
-
-/// `T` deserialized from a JSON object only. Serde's derived struct impls
-/// also take an array of the field values in order (`[1, [[1, 5]]]` as a
-/// start body); no client of this API sends that on purpose, so it is a
-/// wrong type like any other and gets a 400.
-pub struct Object<T>(pub T);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor<T>(PhantomData<T>);
-
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
-            type Value = T;
-
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-                T::deserialize(MapAccessDeserializer::new(map))
-            }
-        }
-
-        deserializer
-            .deserialize_map(ObjectVisitor(PhantomData))
-            .map(Object)
     }
 }
 

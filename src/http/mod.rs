@@ -1,8 +1,9 @@
 //! The HTTP edge: thin handlers, one module per resource. Handlers parse,
-//! call the domain, and map errors once through [`crate::error::ApiError`].
+//! call the domain, and map errors once through [`error::ApiError`].
 
 pub mod auth;
 pub mod bookings;
+pub mod error;
 pub mod events;
 pub mod extract;
 pub mod openapi;
@@ -12,7 +13,6 @@ pub mod schedules;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::Request;
 use axum::http::header;
@@ -24,11 +24,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenAuthority;
-use crate::error::ApiError;
 use crate::holds::SeatStore;
-use crate::realtime::event_log::EventLog;
-use crate::realtime::hub::ScheduleHubs;
+use crate::realtime::stream::SeatStreams;
 use crate::schedules::ScheduleCatalog;
+use error::ApiError;
 use extract::MAX_BODY_BYTES;
 
 /// Settings the handlers need, copied out of the configuration.
@@ -36,7 +35,6 @@ use extract::MAX_BODY_BYTES;
 pub struct Limits {
     pub hold_seconds: u32,
     pub max_seats_per_booking: u16,
-    pub heartbeat: Duration,
     pub sse_max_connections: usize,
     pub auth_guest: bool,
 }
@@ -44,17 +42,27 @@ pub struct Limits {
 /// Everything a handler may touch. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
+    /// Where holds live; handlers never see which store it is.
     pub store: Arc<dyn SeatStore>,
+    /// Showings, cached per replica (they never change).
     pub schedules: ScheduleCatalog,
+    /// Issues and checks guest tokens (HS256, shared by every replica).
     pub tokens: TokenAuthority,
+    /// Bearer token of the admin endpoints; `None` disables them.
     pub admin_token: Option<Arc<str>>,
     pub limits: Arc<Limits>,
+    /// The pooled connections, for `/readyz` and the pool gauges.
     pub pool: Pool,
-    pub hubs: ScheduleHubs,
-    pub event_log: EventLog,
+    /// Opens SSE streams on this replica's broadcast hubs.
+    pub streams: SeatStreams,
+    /// Whether this replica's LISTEN connection is up; `/readyz` reports it.
     pub listener_ready: Arc<AtomicBool>,
+    /// Open SSE streams, held against `Limits::sse_max_connections`.
     pub sse_connections: Arc<AtomicUsize>,
+    /// Cancelled on SIGTERM: streams end, `/readyz` turns 503.
     pub shutdown: CancellationToken,
+    /// Renders `/metrics`; `None` when another recorder was installed first
+    /// (several applications in one test process).
     pub metrics: Option<PrometheusHandle>,
 }
 

@@ -68,7 +68,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!("seatsync_sse_connections")
         .set(state.sse_connections.load(Ordering::SeqCst) as f64);
-    metrics::gauge!("seatsync_sse_channels").set(state.hubs.channel_count() as f64);
+    metrics::gauge!("seatsync_sse_channels").set(state.streams.channel_count() as f64);
     let pool = state.pool.status();
     metrics::gauge!("seatsync_db_pool_size").set(pool.size as f64);
     metrics::gauge!("seatsync_db_pool_available").set(pool.available as f64);

@@ -9,40 +9,17 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Admin;
-use super::extract::{ApiJson, Object, ScheduleIdPath};
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, ScheduleIdPath};
 use super::{AppState, Limits};
-use crate::error::{ApiError, Problem};
-use crate::holds::{Seat, SeatState};
-use crate::schedules::{NewSchedule, Schedule};
+use crate::holds::SeatState;
+use crate::schedules::{NewSchedule, RequestedSeat, Schedule, Seat};
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/schedules", get(list_schedules).post(create_schedule))
         .route("/api/schedules/{id}", get(get_schedule))
         .route("/api/schedules/{id}/seat-status", get(seat_status))
-}
-
-/// A seat as sent by a client: wide integers, so out-of-range values get a
-/// range error naming the field rather than a type error.
-#[derive(Debug, utoipa::ToSchema)]
-pub struct SeatInput {
-    pub row: i64,
-    pub col: i64,
-}
-
-impl<'de> Deserialize<'de> for SeatInput {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Fields {
-            row: i64,
-            col: i64,
-        }
-        // `{"row": 1, "col": 5}` only: not the positional `[1, 5]` that a
-        // derived impl would also take.
-        let Object(Fields { row, col }) = Object::deserialize(deserializer)?;
-        Ok(SeatInput { row, col })
-    }
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -58,7 +35,7 @@ pub struct CreateScheduleRequest {
     pub cols: i64,
     /// Seats that can never be booked.
     #[serde(default)]
-    pub blocked: Vec<SeatInput>,
+    pub blocked: Vec<RequestedSeat>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -124,7 +101,7 @@ pub async fn create_schedule(
         starts_at,
         rows: req.rows,
         cols: req.cols,
-        blocked: req.blocked.iter().map(|s| (s.row, s.col)).collect(),
+        blocked: req.blocked,
     };
     let schedule = state.schedules.create(new).await?;
     tracing::info!(schedule_id = schedule.id, "schedule created");

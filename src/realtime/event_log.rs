@@ -3,9 +3,9 @@
 use deadpool_postgres::Pool;
 use postgres_types::Json;
 
-use super::SeatEvent;
 use crate::db::{DbError, PgConn};
-use crate::holds::{Seat, SeatAction};
+use crate::events::SeatEvent;
+use crate::schedules::Seat;
 
 const EVENTS_AFTER: &str = "SELECT event_id, action, seats FROM seat_events \
      WHERE schedule_id = $1 AND event_id > $2 AND event_id <= $3 ORDER BY event_id LIMIT $4";
@@ -74,13 +74,11 @@ impl EventLog {
                 if event_id != pos + 1 {
                     return Err(ReplayError::Pruned(pos));
                 }
-                let action: String = row.try_get(1).map_err(DbError::from)?;
                 let Json(seats): Json<Vec<Seat>> = row.try_get(2).map_err(DbError::from)?;
                 out.push(SeatEvent {
                     schedule_id,
                     event_id,
-                    // The CHECK constraint allows nothing else.
-                    action: SeatAction::parse(&action).unwrap_or(SeatAction::Released),
+                    action: row.try_get(1).map_err(DbError::from)?,
                     seats,
                 });
                 pos = event_id;

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
 
-use super::{Frame, SeatEvent};
+use super::Frame;
+use crate::events::SeatEvent;
 
 /// What a schedule's channel carries.
 #[derive(Debug, Clone)]
@@ -88,7 +89,7 @@ impl ScheduleHubs {
         if !self.lock().contains_key(&event.schedule_id) {
             return;
         }
-        let frame = Arc::new(event.to_frame());
+        let frame = Arc::new(Frame::of(event));
         let mut map = self.lock();
         if let Some(entry) = map.get_mut(&event.schedule_id) {
             entry.low_water = entry.low_water.map(|lw| lw.max(event.event_id));
@@ -159,7 +160,8 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::holds::{Seat, SeatAction};
+    use crate::events::SeatAction;
+    use crate::schedules::Seat;
 
     fn event(id: i64) -> SeatEvent {
         SeatEvent {

@@ -15,9 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::event_log::EventLog;
 use super::hub::ScheduleHubs;
-use super::SeatEvent;
 use crate::db::{pg_config, DbError};
-use crate::holds::postgres::NOTIFY_CHANNEL;
+use crate::events::{SeatEvent, NOTIFY_CHANNEL};
 
 /// How often the listener proves its connection alive with a query: a
 /// half-open socket would otherwise look healthy while nothing arrives.

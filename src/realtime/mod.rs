@@ -11,19 +11,10 @@ pub mod retention;
 pub mod stream;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::holds::{Seat, SeatAction};
-
-/// One committed seat change, as logged and as notified.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SeatEvent {
-    pub schedule_id: i64,
-    pub event_id: i64,
-    pub action: SeatAction,
-    pub seats: Vec<Seat>,
-}
+use crate::events::{SeatAction, SeatEvent};
+use crate::schedules::Seat;
 
 /// The `data:` of an SSE seat event.
 #[derive(Serialize)]
@@ -39,17 +30,17 @@ pub struct Frame {
     pub bytes: Bytes,
 }
 
-impl SeatEvent {
-    pub fn to_frame(&self) -> Frame {
+impl Frame {
+    pub fn of(event: &SeatEvent) -> Frame {
         // Serializing a struct of enums and integers cannot fail.
         let data = serde_json::to_string(&EventData {
-            action: self.action,
-            seats: &self.seats,
+            action: event.action,
+            seats: &event.seats,
         })
         .unwrap_or_default();
         Frame {
-            id: self.event_id,
-            bytes: Bytes::from(format!("id: {}\ndata: {}\n\n", self.event_id, data)),
+            id: event.event_id,
+            bytes: Bytes::from(format!("id: {}\ndata: {}\n\n", event.event_id, data)),
         }
     }
 }
@@ -74,18 +65,10 @@ mod tests {
             seats: vec![Seat { row: 1, col: 5 }, Seat { row: 1, col: 6 }],
         };
         assert_eq!(
-            e.to_frame().bytes,
+            Frame::of(&e).bytes,
             Bytes::from_static(
                 b"id: 43\ndata: {\"action\":\"OCCUPIED\",\"seats\":[{\"row\":1,\"col\":5},{\"row\":1,\"col\":6}]}\n\n"
             )
         );
-    }
-
-    #[test]
-    fn parses_the_notify_payload() {
-        let p = r#"{"scheduleId": 7, "eventId": 3, "action": "RELEASED", "seats": [{"col": 2, "row": 1}]}"#;
-        let e: SeatEvent = serde_json::from_str(p).unwrap();
-        assert_eq!(e.schedule_id, 7);
-        assert_eq!(e.seats, vec![Seat { row: 1, col: 2 }]);
     }
 }

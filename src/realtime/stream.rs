@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::event_log::EventLog;
 use super::hub::{HubMessage, ScheduleHubs, Subscription};
-use super::{HEARTBEAT_FRAME, RESYNC_FRAME, RETRY_FRAME};
+use super::{Frame, HEARTBEAT_FRAME, RESYNC_FRAME, RETRY_FRAME};
+use crate::db::DbError;
 
 /// Where a client asked to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,19 +43,89 @@ impl Resume {
     }
 }
 
-/// What a stream needs besides its subscription.
-pub struct StreamContext {
-    pub log: EventLog,
-    pub hubs: ScheduleHubs,
-    pub heartbeat: Duration,
-    pub shutdown: CancellationToken,
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("schedule {0} does not exist")]
+    ScheduleNotFound(i64),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
-/// Builds the byte stream. `newest` is the schedule's last event id, read
-/// after `sub` was taken and already registered with the hub. `guard` is dropped when the stream ends (it keeps
-/// the connection gauge honest).
-pub fn seat_event_stream<G: Send + 'static>(
-    ctx: StreamContext,
+/// Opens the seat-event streams of this replica's clients.
+#[derive(Clone)]
+pub struct SeatStreams {
+    hubs: ScheduleHubs,
+    log: EventLog,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
+}
+
+impl SeatStreams {
+    pub fn new(
+        hubs: ScheduleHubs,
+        log: EventLog,
+        heartbeat: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            hubs,
+            log,
+            heartbeat,
+            shutdown,
+        }
+    }
+
+    /// Schedules with a live channel on this replica.
+    pub fn channel_count(&self) -> usize {
+        self.hubs.channel_count()
+    }
+
+    /// Opens one client's stream of a schedule's seat events, starting where
+    /// `resume` says. `guard` lives as long as the stream (it keeps the
+    /// connection gauge honest).
+    ///
+    /// The order is the whole point: subscribe, then read the position
+    /// (nothing committed after the read can be missed), then register the
+    /// position with the hub at once (so a listener reconnect's gap replay
+    /// covers this client), then check that the listener did not reconnect
+    /// meanwhile.
+    pub async fn open<G: Send + 'static>(
+        &self,
+        schedule_id: i64,
+        mut resume: Resume,
+        guard: G,
+    ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
+        let generation = self.hubs.generation();
+        let sub = self.hubs.subscribe(schedule_id);
+        let mut newest = self.last_event_id(schedule_id).await?;
+        self.hubs.register_position(schedule_id, newest);
+        if self.hubs.generation() != generation {
+            // The listener reconnected while we subscribed, and its gap
+            // replay may have run before we registered: events committed
+            // while it was down were never notified. Replay up to now
+            // ourselves.
+            let now = self.last_event_id(schedule_id).await?;
+            if resume == Resume::Live {
+                resume = Resume::After(newest);
+            }
+            newest = now;
+        }
+        Ok(seat_event_stream(self.clone(), sub, resume, newest, guard))
+    }
+
+    async fn last_event_id(&self, schedule_id: i64) -> Result<i64, OpenError> {
+        self.log
+            .last_event_id(schedule_id)
+            .await?
+            .ok_or(OpenError::ScheduleNotFound(schedule_id))
+    }
+}
+
+/// The byte stream of one client. `newest` is the schedule's last event
+/// id, read after `sub` was taken; it is where a live stream starts.
+fn seat_event_stream<G: Send + 'static>(
+    ctx: SeatStreams,
     mut sub: Subscription,
     resume: Resume,
     newest: i64,
@@ -123,7 +194,7 @@ pub fn seat_event_stream<G: Send + 'static>(
 /// the log cannot provide every one of them (pruned, or unreachable).
 async fn replay_frames(log: &EventLog, schedule_id: i64, after: i64, upto: i64) -> Vec<Bytes> {
     match log.replay(schedule_id, after, upto).await {
-        Ok(events) => events.iter().map(|e| e.to_frame().bytes).collect(),
+        Ok(events) => events.iter().map(|e| Frame::of(e).bytes).collect(),
         Err(e) => {
             tracing::debug!(schedule_id, after, upto, error = %e, "cannot replay; resync");
             vec![Bytes::from_static(RESYNC_FRAME)]

@@ -1,0 +1,80 @@
+//! Seat events: what every seat-changing transaction appends to the log and
+//! notifies on one channel, and what every replica's listener relays.
+
+use postgres_types::{FromSql, Type};
+use serde::{Deserialize, Serialize};
+
+use crate::schedules::Seat;
+
+/// The channel every seat-changing transaction notifies and every replica
+/// LISTENs on.
+pub const NOTIFY_CHANNEL: &str = "seatsync_seat_events";
+
+/// What a seat event says happened to its seats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SeatAction {
+    Occupied,
+    Confirmed,
+    Released,
+}
+
+impl SeatAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Occupied => "OCCUPIED",
+            Self::Confirmed => "CONFIRMED",
+            Self::Released => "RELEASED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "OCCUPIED" => Self::Occupied,
+            "CONFIRMED" => Self::Confirmed,
+            "RELEASED" => Self::Released,
+            _ => return None,
+        })
+    }
+}
+
+/// Read from the `action` of the log and the `status` of seat rows. A value
+/// the schema's CHECK constraints do not allow is an error, never a guess.
+impl<'a> FromSql<'a> for SeatAction {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let s = <&str as FromSql>::from_sql(ty, raw)?;
+        Self::parse(s).ok_or_else(|| format!("unknown seat action {s:?}").into())
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <&str as FromSql>::accepts(ty)
+    }
+}
+
+/// One committed seat change, as logged and as notified (the NOTIFY payload
+/// is this, in camelCase JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SeatEvent {
+    pub schedule_id: i64,
+    pub event_id: i64,
+    pub action: SeatAction,
+    pub seats: Vec<Seat>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_notify_payload() {
+        let p = r#"{"scheduleId": 7, "eventId": 3, "action": "RELEASED", "seats": [{"col": 2, "row": 1}]}"#;
+        let e: SeatEvent = serde_json::from_str(p).unwrap();
+        assert_eq!(e.schedule_id, 7);
+        assert_eq!(e.action, SeatAction::Released);
+        assert_eq!(e.seats, vec![Seat { row: 1, col: 2 }]);
+    }
+}
