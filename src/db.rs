@@ -56,6 +56,28 @@ impl DbError {
     }
 }
 
+/// `FromSql` for an enum stored as text under a CHECK constraint, through
+/// its `parse`: a value the constraint should have kept out is an error,
+/// never a guess.
+#[macro_export]
+macro_rules! text_enum_from_sql {
+    ($ty:ty, $what:literal) => {
+        impl<'a> postgres_types::FromSql<'a> for $ty {
+            fn from_sql(
+                ty: &postgres_types::Type,
+                raw: &'a [u8],
+            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+                let s = <&str as postgres_types::FromSql>::from_sql(ty, raw)?;
+                Self::parse(s).ok_or_else(|| format!(concat!("unknown ", $what, " {:?}"), s).into())
+            }
+
+            fn accepts(ty: &postgres_types::Type) -> bool {
+                <&str as postgres_types::FromSql>::accepts(ty)
+            }
+        }
+    };
+}
+
 /// Pool checkout with the error type of this module.
 pub struct PgConn;
 

@@ -1,7 +1,6 @@
 //! Seat events: what every seat-changing transaction appends to the log and
 //! notifies on one channel, and what every replica's listener relays.
 
-use postgres_types::{FromSql, Type};
 use serde::{Deserialize, Serialize};
 
 use crate::schedules::Seat;
@@ -38,21 +37,8 @@ impl SeatAction {
     }
 }
 
-/// Read from the `action` of the log and the `status` of seat rows. A value
-/// the schema's CHECK constraints do not allow is an error, never a guess.
-impl<'a> FromSql<'a> for SeatAction {
-    fn from_sql(
-        ty: &Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        let s = <&str as FromSql>::from_sql(ty, raw)?;
-        Self::parse(s).ok_or_else(|| format!("unknown seat action {s:?}").into())
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        <&str as FromSql>::accepts(ty)
-    }
-}
+// Read from the `action` of the log and the `status` of seat rows.
+crate::text_enum_from_sql!(SeatAction, "seat action");
 
 /// One committed seat change, as logged and as notified (the NOTIFY payload
 /// is this, in camelCase JSON).

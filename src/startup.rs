@@ -61,10 +61,6 @@ pub struct Application {
     config: Config,
     embedded: Option<EmbeddedPostgres>,
     database_url: String,
-    /// What the listener relay feeds and reads: the same hubs and log the
-    /// streams in `state` serve from.
-    hubs: ScheduleHubs,
-    event_log: EventLog,
 }
 
 fn metrics_handle() -> Option<PrometheusHandle> {
@@ -118,8 +114,6 @@ impl Application {
 
         let secret = config.auth_secret.clone().unwrap_or_default();
         // Events a viewer may fall behind before it is cut off (see `ScheduleHubs`).
-        let hubs = ScheduleHubs::new(config.sse_client_buffer as usize);
-        let event_log = EventLog::new(pool.clone());
         let shutdown = CancellationToken::new();
         let state = AppState {
             store: Arc::new(PgSeatStore::new(pool.clone())) as Arc<dyn SeatStore>,
@@ -132,10 +126,10 @@ impl Application {
                 sse_max_connections: config.sse_max_connections as usize,
                 auth_guest: config.auth_guest,
             }),
-            pool,
+            pool: pool.clone(),
             streams: SeatStreams::new(
-                hubs.clone(),
-                event_log.clone(),
+                ScheduleHubs::new(config.sse_client_buffer as usize),
+                EventLog::new(pool),
                 config.heartbeat(),
                 shutdown.clone(),
             ),
@@ -159,8 +153,6 @@ impl Application {
             config,
             embedded,
             database_url,
-            hubs,
-            event_log,
         })
     }
 
@@ -176,8 +168,6 @@ impl Application {
             config,
             embedded,
             database_url,
-            hubs,
-            event_log,
         } = self;
         let shutdown = state.shutdown.clone();
         let addr = listener.local_addr().map_err(StartupError::Serve)?;
@@ -219,8 +209,8 @@ impl Application {
         tasks.spawn(
             ListenerRelay::new(
                 listen_url,
-                hubs,
-                event_log,
+                state.streams.hubs().clone(),
+                state.streams.log().clone(),
                 state.listener_ready.clone(),
                 shutdown.clone(),
             )

@@ -13,7 +13,7 @@ use std::future::Future;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Pool, Transaction};
-use postgres_types::{FromSql, Json, ToSql, Type};
+use postgres_types::{Json, ToSql};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -224,21 +224,7 @@ fn seat_arrays(seats: &[Seat]) -> (Vec<i16>, Vec<i16>) {
     seats.iter().map(|s| (s.row, s.col)).unzip()
 }
 
-/// Read from `bookings.status`. A value the CHECK constraint does not allow
-/// is an error, never a guess.
-impl<'a> FromSql<'a> for BookingStatus {
-    fn from_sql(
-        ty: &Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        let s = <&str as FromSql>::from_sql(ty, raw)?;
-        Self::parse(s).ok_or_else(|| format!("unknown booking status {s:?}").into())
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        <&str as FromSql>::accepts(ty)
-    }
-}
+crate::text_enum_from_sql!(BookingStatus, "booking status");
 
 fn booking_from_row(row: &Row) -> Result<Booking, DbError> {
     let Json(seats): Json<Vec<Seat>> = row.try_get(4)?;

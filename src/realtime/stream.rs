@@ -76,6 +76,16 @@ impl SeatStreams {
         }
     }
 
+    /// The hubs the listener relay publishes to.
+    pub fn hubs(&self) -> &ScheduleHubs {
+        &self.hubs
+    }
+
+    /// The log the listener relay replays gaps from.
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
     /// Schedules with a live channel on this replica.
     pub fn channel_count(&self) -> usize {
         self.hubs.channel_count()
