@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::db::StatementMode;
+
 /// The most seats one booking may ask for. The `OCCUPIED` NOTIFY payload
 /// carries every seat of a booking and must stay far below PostgreSQL's
 /// 8000-byte limit; 100 seats is about 2.5 KB.
@@ -44,10 +46,20 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", global = true)]
     pub database_url: Option<String>,
 
-    /// Direct connection for LISTEN. Must not go through a transaction
-    /// pooler, where LISTEN silently does nothing. Defaults to DATABASE_URL.
+    /// Direct connection for LISTEN and for the migrations' session lock.
+    /// Must not go through a transaction pooler, where LISTEN silently does
+    /// nothing and a session lock is not held. Defaults to DATABASE_URL.
     #[arg(long, env = "LISTEN_DATABASE_URL", global = true)]
     pub listen_database_url: Option<String>,
+
+    /// How pooled statements are sent: `prepared` (named, cached per
+    /// connection) or `unnamed` (parse, bind and execute in one flight,
+    /// nothing kept on the server connection), for a DATABASE_URL through
+    /// PgBouncer's transaction mode before 1.21. Unset: `unnamed` when
+    /// LISTEN_DATABASE_URL names another server than DATABASE_URL (the
+    /// pooler set-up), else `prepared`.
+    #[arg(long, env = "DB_STATEMENTS", value_enum, global = true)]
+    pub db_statements: Option<StatementMode>,
 
     /// Address to bind.
     #[arg(long, env = "HOST", default_value = "0.0.0.0", global = true)]
@@ -180,6 +192,22 @@ impl Config {
             return Err(ConfigError::WeakAdminToken);
         }
         Ok(())
+    }
+
+    /// The connection that must not go through a transaction pooler.
+    pub fn direct_database_url(&self) -> Option<&str> {
+        self.listen_database_url
+            .as_deref()
+            .or(self.database_url.as_deref())
+    }
+
+    /// `DB_STATEMENTS`, or what its absence means.
+    pub fn statement_mode(&self) -> StatementMode {
+        self.db_statements
+            .unwrap_or(match (&self.database_url, &self.listen_database_url) {
+                (Some(pooled), Some(direct)) if pooled != direct => StatementMode::Unnamed,
+                _ => StatementMode::Prepared,
+            })
     }
 
     pub fn heartbeat(&self) -> Duration {

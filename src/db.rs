@@ -1,10 +1,14 @@
 //! PostgreSQL plumbing: the pool, migrations, and the one error type for
 //! "the database did not do what we asked".
 
+use std::future::Future;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Transaction,
+};
+use postgres_types::{ToSql, Type};
+use tokio_postgres::{NoTls, Row};
 
 refinery::embed_migrations!("sql");
 
@@ -30,6 +34,9 @@ pub enum DbError {
     ConnectionLost(&'static str),
     #[error("invalid database configuration: {0}")]
     Config(String),
+    /// A statement that always returns a row returned none.
+    #[error("no row returned by: {0}")]
+    NoRow(&'static str),
 }
 
 /// An error and its causes as one line. tokio-postgres shows only its own
@@ -78,12 +85,167 @@ macro_rules! text_enum_from_sql {
     };
 }
 
-/// Pool checkout with the error type of this module.
-pub struct PgConn;
+/// How statements reach the server (`DB_STATEMENTS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatementMode {
+    /// Named statements, prepared once per connection and cached: after
+    /// the first use, one round trip per execution.
+    #[default]
+    Prepared,
+    /// Unnamed statements: parse, bind and execute in one flight, nothing
+    /// kept on the server connection. For transaction poolers (PgBouncer
+    /// before 1.21) that hand each transaction to any server connection,
+    /// where a named statement would be missing or already exist.
+    Unnamed,
+}
 
-impl PgConn {
-    pub async fn get(pool: &Pool) -> Result<Object, DbError> {
-        Ok(pool.get().await?)
+/// A statement and the types of its parameters. Declaring the types lets
+/// it go out either way without asking the server to describe it first.
+pub struct Sql {
+    pub text: &'static str,
+    pub types: &'static [Type],
+}
+
+/// The pool, and how its statements are sent.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    mode: StatementMode,
+}
+
+impl Db {
+    pub fn new(pool: Pool, mode: StatementMode) -> Self {
+        Self { pool, mode }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub async fn conn(&self) -> Result<Conn, DbError> {
+        Ok(Conn {
+            client: self.pool.get().await?,
+            mode: self.mode,
+        })
+    }
+}
+
+/// A pooled connection.
+pub struct Conn {
+    client: Object,
+    mode: StatementMode,
+}
+
+impl Conn {
+    pub async fn transaction(&mut self) -> Result<Tx<'_>, DbError> {
+        Ok(Tx {
+            tx: self.client.transaction().await?,
+            mode: self.mode,
+        })
+    }
+
+    /// The simple query protocol: no statement at all, safe on any pooler.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+}
+
+/// A transaction on a pooled connection. Dropped without `commit`, it
+/// rolls back.
+pub struct Tx<'a> {
+    tx: Transaction<'a>,
+    mode: StatementMode,
+}
+
+impl Tx<'_> {
+    pub async fn commit(self) -> Result<(), DbError> {
+        Ok(self.tx.commit().await?)
+    }
+
+    pub async fn rollback(self) -> Result<(), DbError> {
+        Ok(self.tx.rollback().await?)
+    }
+}
+
+/// Runs [`Sql`] statements, on a connection or in a transaction.
+pub trait Statements: Sync {
+    fn query(
+        &self,
+        sql: &Sql,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>, DbError>> + Send;
+
+    /// The first row, if any.
+    fn query_opt(
+        &self,
+        sql: &Sql,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<Row>, DbError>> + Send {
+        async move { Ok(self.query(sql, params).await?.into_iter().next()) }
+    }
+
+    /// The first row; none is an error.
+    fn query_one(
+        &self,
+        sql: &Sql,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Row, DbError>> + Send {
+        async move {
+            self.query_opt(sql, params)
+                .await?
+                .ok_or(DbError::NoRow(sql.text))
+        }
+    }
+}
+
+impl Statements for Conn {
+    fn query(
+        &self,
+        sql: &Sql,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>, DbError>> + Send {
+        run(self.mode, &self.client, &**self.client, sql, params)
+    }
+}
+
+impl Statements for Tx<'_> {
+    fn query(
+        &self,
+        sql: &Sql,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>, DbError>> + Send {
+        run(self.mode, &self.tx, &*self.tx, sql, params)
+    }
+}
+
+/// The one place that decides how a statement is sent: through deadpool's
+/// statement cache (`cached`) or unnamed on the driver's client (`direct`),
+/// two views of one connection.
+async fn run<C, D>(
+    mode: StatementMode,
+    cached: &C,
+    direct: &D,
+    sql: &Sql,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, DbError>
+where
+    C: GenericClient + Sync,
+    D: tokio_postgres::GenericClient + Sync,
+{
+    match mode {
+        StatementMode::Prepared => {
+            let statement = cached.prepare_typed_cached(sql.text, sql.types).await?;
+            Ok(GenericClient::query(cached, &statement, params).await?)
+        }
+        StatementMode::Unnamed => {
+            let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+                .iter()
+                .copied()
+                .zip(sql.types.iter().cloned())
+                .collect();
+            Ok(tokio_postgres::GenericClient::query_typed(direct, sql.text, &typed).await?)
+        }
     }
 }
 

@@ -34,7 +34,9 @@ async fn main() -> ExitCode {
     }
     match cli.command.unwrap_or(Command::Serve) {
         Command::Migrate => {
-            let Some(url) = cli.config.database_url.as_deref() else {
+            // Over the direct connection: the migrations' session lock is
+            // not held through a transaction pooler.
+            let Some(url) = cli.config.direct_database_url() else {
                 eprintln!("seatsync: configuration error: migrate needs DATABASE_URL");
                 return ExitCode::from(2);
             };
@@ -44,7 +46,12 @@ async fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("seatsync: cannot migrate the database at DATABASE_URL: {e}");
+                    let setting = if cli.config.listen_database_url.is_some() {
+                        "LISTEN_DATABASE_URL"
+                    } else {
+                        "DATABASE_URL"
+                    };
+                    eprintln!("seatsync: cannot migrate the database at {setting}: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -5,11 +5,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
-use postgres_types::Json;
+use postgres_types::{Json, Type};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::db::{DbError, PgConn};
+use crate::db::{Db, DbError, Sql, Statements};
 use crate::json::Object;
 
 /// A seat of a schedule's grid, 1-based; inside the grid by construction
@@ -181,37 +180,50 @@ impl NewSchedule {
 /// Creates the schedule and its event counter in one statement. Returns
 /// `starts_at` as stored: PostgreSQL keeps microseconds, and every replica
 /// must show the time the others read back from the table.
-const INSERT_SCHEDULE: &str = "WITH s AS ( \
+const INSERT_SCHEDULE: Sql = Sql {
+    text: "WITH s AS ( \
        INSERT INTO schedules (title, starts_at, rows, cols, blocked) \
        VALUES ($1, $2, $3, $4, $5) RETURNING id, starts_at \
      ), c AS (INSERT INTO schedule_event_counters (schedule_id) SELECT id FROM s) \
-     SELECT id, starts_at FROM s";
-const SELECT_SCHEDULE: &str =
-    "SELECT id, title, starts_at, rows, cols, blocked FROM schedules WHERE id = $1";
-const SELECT_SCHEDULES: &str =
-    "SELECT id, title, starts_at, rows, cols, blocked FROM schedules ORDER BY starts_at, id";
+     SELECT id, starts_at FROM s",
+    types: &[
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::INT4,
+        Type::INT4,
+        Type::JSONB,
+    ],
+};
+const SELECT_SCHEDULE: Sql = Sql {
+    text: "SELECT id, title, starts_at, rows, cols, blocked FROM schedules WHERE id = $1",
+    types: &[Type::INT8],
+};
+const SELECT_SCHEDULES: Sql = Sql {
+    text: "SELECT id, title, starts_at, rows, cols, blocked FROM schedules ORDER BY starts_at, id",
+    types: &[],
+};
 
 /// Reads and creates schedules, caching them per replica.
 #[derive(Clone)]
 pub struct ScheduleCatalog {
-    pool: Pool,
+    db: Db,
     cache: Arc<RwLock<HashMap<i64, Arc<Schedule>>>>,
 }
 
 impl ScheduleCatalog {
-    pub fn new(pool: Pool) -> Self {
+    pub fn new(db: Db) -> Self {
         Self {
-            pool,
+            db,
             cache: Arc::default(),
         }
     }
 
     pub async fn create(&self, new: NewSchedule) -> Result<Arc<Schedule>, ScheduleError> {
         let blocked = new.validate()?;
-        let client = PgConn::get(&self.pool).await?;
-        let row = client
+        let conn = self.db.conn().await?;
+        let row = conn
             .query_one(
-                INSERT_SCHEDULE,
+                &INSERT_SCHEDULE,
                 &[
                     &new.title.trim(),
                     &new.starts_at,
@@ -220,8 +232,7 @@ impl ScheduleCatalog {
                     &Json(&blocked),
                 ],
             )
-            .await
-            .map_err(DbError::from)?;
+            .await?;
         let schedule = Arc::new(Schedule {
             id: row.try_get(0).map_err(DbError::from)?,
             title: new.title.trim().to_owned(),
@@ -244,8 +255,8 @@ impl ScheduleCatalog {
         {
             return Ok(Some(s.clone()));
         }
-        let client = PgConn::get(&self.pool).await?;
-        let row = client.query_opt(SELECT_SCHEDULE, &[&id]).await?;
+        let conn = self.db.conn().await?;
+        let row = conn.query_opt(&SELECT_SCHEDULE, &[&id]).await?;
         Ok(match row {
             Some(row) => {
                 let s = Arc::new(from_row(&row)?);
@@ -257,8 +268,8 @@ impl ScheduleCatalog {
     }
 
     pub async fn list(&self) -> Result<Vec<Schedule>, DbError> {
-        let client = PgConn::get(&self.pool).await?;
-        let rows = client.query(SELECT_SCHEDULES, &[]).await?;
+        let conn = self.db.conn().await?;
+        let rows = conn.query(&SELECT_SCHEDULES, &[]).await?;
         rows.iter().map(from_row).collect()
     }
 

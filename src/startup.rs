@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenAuthority;
 use crate::config::Config;
-use crate::db::{build_pool, migrate, DbError};
+use crate::db::{build_pool, migrate, Db, DbError};
 use crate::embedded_pg::{EmbeddedError, EmbeddedPostgres};
 use crate::holds::postgres::PgSeatStore;
 use crate::holds::sweeper::run_sweeper;
@@ -92,11 +92,19 @@ impl Application {
                 url
             }
         };
-        let applied = migrate(&database_url)
+        // The direct connection: the migrations' session lock would not be
+        // held through a transaction pooler.
+        let direct_url = config
+            .listen_database_url
+            .clone()
+            .unwrap_or_else(|| database_url.clone());
+        let applied = migrate(&direct_url)
             .await
             .map_err(|source| StartupError::Migrate {
                 setting: if embedded.is_some() {
                     "the embedded cluster"
+                } else if config.listen_database_url.is_some() {
+                    "LISTEN_DATABASE_URL"
                 } else {
                     "DATABASE_URL"
                 },
@@ -105,7 +113,11 @@ impl Application {
         if applied > 0 {
             tracing::info!(applied, "migrations applied");
         }
-        let pool = build_pool(&database_url, config.db_pool_size as usize)?;
+        let db = Db::new(
+            build_pool(&database_url, config.db_pool_size as usize)?,
+            config.statement_mode(),
+        );
+        tracing::info!(statements = ?config.statement_mode(), "database pool ready");
 
         let addr = SocketAddr::new(config.host, config.port);
         let listener = TcpListener::bind(addr)
@@ -116,8 +128,8 @@ impl Application {
         // Events a viewer may fall behind before it is cut off (see `ScheduleHubs`).
         let shutdown = CancellationToken::new();
         let state = AppState {
-            store: Arc::new(PgSeatStore::new(pool.clone())) as Arc<dyn SeatStore>,
-            schedules: ScheduleCatalog::new(pool.clone()),
+            store: Arc::new(PgSeatStore::new(db.clone())) as Arc<dyn SeatStore>,
+            schedules: ScheduleCatalog::new(db.clone()),
             tokens: TokenAuthority::new(secret.as_bytes(), config.token_ttl_seconds),
             admin_token: config.admin_token.as_deref().map(Arc::from),
             limits: Arc::new(Limits {
@@ -126,10 +138,10 @@ impl Application {
                 sse_max_connections: config.sse_max_connections as usize,
                 auth_guest: config.auth_guest,
             }),
-            pool: pool.clone(),
+            db: db.clone(),
             streams: SeatStreams::new(
                 ScheduleHubs::new(config.sse_client_buffer as usize),
-                EventLog::new(pool),
+                EventLog::new(db),
                 config.heartbeat(),
                 shutdown.clone(),
             ),
@@ -201,7 +213,7 @@ impl Application {
             shutdown.clone(),
         ));
         tasks.spawn(run_pruner(
-            state.pool.clone(),
+            state.db.clone(),
             config.event_retention_seconds,
             shutdown.clone(),
         ));

@@ -12,8 +12,7 @@ use std::future::Future;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{Pool, Transaction};
-use postgres_types::{Json, ToSql};
+use postgres_types::{Json, Type};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -21,46 +20,72 @@ use uuid::Uuid;
 use super::{
     Booking, BookingStatus, HoldError, HoldOutcome, HoldRequest, SeatSnapshot, SeatState, SeatStore,
 };
-use crate::db::{DbError, PgConn};
+use crate::db::{Db, DbError, Sql, Statements, Tx};
 use crate::events::{SeatAction, NOTIFY_CHANNEL};
 use crate::schedules::Seat;
 
-const INSERT_BOOKING: &str = "INSERT INTO bookings \
+const INSERT_BOOKING: Sql = Sql {
+    text: "INSERT INTO bookings \
        (id, schedule_id, user_id, status, seats, expires_at, idempotency_key, request_fingerprint) \
      VALUES ($1, $2, $3, 'PENDING', $4, now() + $5::int * interval '1 second', $6, $7) \
-     ON CONFLICT DO NOTHING RETURNING expires_at";
+     ON CONFLICT DO NOTHING RETURNING expires_at",
+    types: &[
+        Type::UUID,
+        Type::INT8,
+        Type::UUID,
+        Type::JSONB,
+        Type::INT4,
+        Type::TEXT,
+        Type::TEXT,
+    ],
+};
 
-const FIND_BY_IDEMPOTENCY_KEY: &str = "SELECT id, schedule_id, user_id, status, seats, expires_at, request_fingerprint, \
+const FIND_BY_IDEMPOTENCY_KEY: Sql = Sql {
+    text: "SELECT id, schedule_id, user_id, status, seats, expires_at, request_fingerprint, \
        (status = 'PENDING' AND expires_at <= clock_timestamp()) AS overdue \
      FROM bookings WHERE user_id = $1 AND idempotency_key = $2 AND status IN ('PENDING', 'CONFIRMED') \
-     FOR UPDATE";
+     FOR UPDATE",
+    types: &[Type::UUID, Type::TEXT],
+};
 
-const FIND_PENDING_OF_USER: &str = "SELECT id, (expires_at <= clock_timestamp()) AS overdue \
-     FROM bookings WHERE schedule_id = $1 AND user_id = $2 AND status = 'PENDING' FOR UPDATE";
+const FIND_PENDING_OF_USER: Sql = Sql {
+    text: "SELECT id, (expires_at <= clock_timestamp()) AS overdue \
+     FROM bookings WHERE schedule_id = $1 AND user_id = $2 AND status = 'PENDING' FOR UPDATE",
+    types: &[Type::INT8, Type::UUID],
+};
 
 /// Holds seats in `(row, col)` order. A seat held by an uncommitted
 /// transaction makes this wait for it; a committed one makes it skip the seat.
-const INSERT_SEATS: &str = "INSERT INTO schedule_seat_status \
+const INSERT_SEATS: Sql = Sql {
+    text: "INSERT INTO schedule_seat_status \
        (schedule_id, row_num, col_num, booking_id, status, expires_at) \
      SELECT $1, s.r, s.c, $2, 'OCCUPIED', $3 FROM unnest($4::int2[], $5::int2[]) AS s(r, c) ORDER BY s.r, s.c \
-     ON CONFLICT (schedule_id, row_num, col_num) DO NOTHING RETURNING row_num, col_num";
+     ON CONFLICT (schedule_id, row_num, col_num) DO NOTHING RETURNING row_num, col_num",
+    types: &[Type::INT8, Type::UUID, Type::TIMESTAMPTZ, Type::INT2_ARRAY, Type::INT2_ARRAY],
+};
 
 /// One index probe per requested seat (`LATERAL ... OFFSET 0` keeps the
 /// planner from turning it into a scan of every held seat of the show, which
 /// it does while its statistics do not know the show yet: a sell-out would
 /// then cost O(held seats) per start).
-const SEAT_HOLDERS: &str = "SELECT st.row_num, st.col_num, st.booking_id, \
+const SEAT_HOLDERS: Sql = Sql {
+    text: "SELECT st.row_num, st.col_num, st.booking_id, \
        (st.status = 'OCCUPIED' AND st.expires_at <= clock_timestamp()) AS overdue, \
        (st.status = 'OCCUPIED' AND b.user_id = $4) AS own_hold \
      FROM unnest($2::int2[], $3::int2[]) AS q(r, c) \
      CROSS JOIN LATERAL (SELECT * FROM schedule_seat_status s \
        WHERE s.schedule_id = $1 AND s.row_num = q.r AND s.col_num = q.c OFFSET 0) st \
-     JOIN bookings b ON b.id = st.booking_id";
+     JOIN bookings b ON b.id = st.booking_id",
+    types: &[Type::INT8, Type::INT2_ARRAY, Type::INT2_ARRAY, Type::UUID],
+};
 
 /// Serializes one user's hold transactions (see `hold_attempt`). The
 /// two-integer form is a key space of its own: it can never meet the
 /// migration lock, which takes a single bigint key.
-const LOCK_USER: &str = "SELECT pg_advisory_xact_lock($1::int4, $2::int4)";
+const LOCK_USER: Sql = Sql {
+    text: "SELECT pg_advisory_xact_lock($1::int4, $2::int4)",
+    types: &[Type::INT4, Type::INT4],
+};
 /// First key of every per-user lock, so other two-integer advisory locks
 /// (of this or any other application on the database) keep out of its way.
 const USER_LOCK_CLASS: i32 = 0x5ea7_0001;
@@ -75,14 +100,21 @@ fn user_lock_key(user_id: Uuid) -> i32 {
 
 /// Expires one overdue hold. `clock_timestamp()`, not `now()`: after a lock
 /// wait `now()` is stale and would let an overdue hold live on.
-const EXPIRE_BOOKING: &str = "UPDATE bookings SET status = 'EXPIRED', updated_at = clock_timestamp() \
-     WHERE id = $1 AND status = 'PENDING' AND expires_at <= clock_timestamp() RETURNING schedule_id, seats";
+const EXPIRE_BOOKING: Sql = Sql {
+    text: "UPDATE bookings SET status = 'EXPIRED', updated_at = clock_timestamp() \
+     WHERE id = $1 AND status = 'PENDING' AND expires_at <= clock_timestamp() RETURNING schedule_id, seats",
+    types: &[Type::UUID],
+};
 
-const DELETE_SEATS_OF: &str = "DELETE FROM schedule_seat_status WHERE booking_id = ANY($1)";
+const DELETE_SEATS_OF: Sql = Sql {
+    text: "DELETE FROM schedule_seat_status WHERE booking_id = ANY($1)",
+    types: &[Type::UUID_ARRAY],
+};
 
 /// Bumps the schedule's counter (its row lock orders event ids by commit),
 /// logs the event and notifies, all in one round trip.
-const APPEND_EVENT: &str = "WITH bumped AS ( \
+const APPEND_EVENT: Sql = Sql {
+    text: "WITH bumped AS ( \
        UPDATE schedule_event_counters SET last_event_id = last_event_id + 1 \
        WHERE schedule_id = $1 RETURNING last_event_id \
      ), logged AS ( \
@@ -91,46 +123,66 @@ const APPEND_EVENT: &str = "WITH bumped AS ( \
      ) \
      SELECT event_id, pg_notify($4, json_build_object( \
        'scheduleId', $1::bigint, 'eventId', event_id, 'action', $2::text, 'seats', $3::jsonb)::text)::text \
-     FROM logged";
+     FROM logged",
+    types: &[Type::INT8, Type::TEXT, Type::JSONB, Type::TEXT],
+};
 
-const GET_BOOKING: &str = "SELECT id, schedule_id, user_id, \
+const GET_BOOKING: Sql = Sql {
+    text: "SELECT id, schedule_id, user_id, \
        CASE WHEN status = 'PENDING' AND expires_at <= clock_timestamp() THEN 'EXPIRED' ELSE status END, \
        seats, expires_at \
-     FROM bookings WHERE id = $1 AND user_id = $2";
+     FROM bookings WHERE id = $1 AND user_id = $2",
+    types: &[Type::UUID, Type::UUID],
+};
 
-const LOCK_BOOKING: &str = "SELECT id, schedule_id, user_id, status, seats, expires_at, \
+const LOCK_BOOKING: Sql = Sql {
+    text: "SELECT id, schedule_id, user_id, status, seats, expires_at, \
        (status = 'PENDING' AND expires_at <= clock_timestamp()) AS overdue \
-     FROM bookings WHERE id = $1 AND user_id = $2 FOR UPDATE";
+     FROM bookings WHERE id = $1 AND user_id = $2 FOR UPDATE",
+    types: &[Type::UUID, Type::UUID],
+};
 
-const CONFIRM_BOOKING: &str =
-    "UPDATE bookings SET status = 'CONFIRMED', updated_at = clock_timestamp() \
+const CONFIRM_BOOKING: Sql = Sql {
+    text: "UPDATE bookings SET status = 'CONFIRMED', updated_at = clock_timestamp() \
      WHERE id = $1 AND user_id = $2 AND status = 'PENDING' AND expires_at > clock_timestamp() \
-     RETURNING id, schedule_id, user_id, status, seats, expires_at";
+     RETURNING id, schedule_id, user_id, status, seats, expires_at",
+    types: &[Type::UUID, Type::UUID],
+};
 
-const CONFIRM_SEATS: &str =
-    "UPDATE schedule_seat_status SET status = 'CONFIRMED', expires_at = NULL WHERE booking_id = $1";
+const CONFIRM_SEATS: Sql = Sql {
+    text: "UPDATE schedule_seat_status SET status = 'CONFIRMED', expires_at = NULL WHERE booking_id = $1",
+    types: &[Type::UUID],
+};
 
-const CANCEL_BOOKING: &str =
-    "UPDATE bookings SET status = 'CANCELLED', updated_at = clock_timestamp() \
+const CANCEL_BOOKING: Sql = Sql {
+    text: "UPDATE bookings SET status = 'CANCELLED', updated_at = clock_timestamp() \
      WHERE id = $1 AND user_id = $2 AND status = 'PENDING' AND expires_at > clock_timestamp() \
-     RETURNING id, schedule_id, user_id, status, seats, expires_at";
+     RETURNING id, schedule_id, user_id, status, seats, expires_at",
+    types: &[Type::UUID, Type::UUID],
+};
 
 /// Claims overdue holds; `SKIP LOCKED` lets sweepers on every replica run at
 /// once without two of them releasing the same hold or waiting on each other.
 /// `(SELECT clock_timestamp())` is evaluated once, so the index scan on
 /// `expires_at` can stop at the first hold not yet due (a volatile call per
 /// row made every sweep read all pending holds: seconds with thousands).
-const SWEEP_EXPIRED: &str = "UPDATE bookings b SET status = 'EXPIRED', updated_at = clock_timestamp() \
+const SWEEP_EXPIRED: Sql = Sql {
+    text: "UPDATE bookings b SET status = 'EXPIRED', updated_at = clock_timestamp() \
      WHERE b.id = ANY(ARRAY( \
        SELECT id FROM bookings WHERE status = 'PENDING' AND expires_at <= (SELECT clock_timestamp()) \
        ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)) \
      AND b.status = 'PENDING' \
-     RETURNING b.id, b.schedule_id, b.seats";
+     RETURNING b.id, b.schedule_id, b.seats",
+    types: &[Type::INT8],
+};
 
 /// One statement, so the counter and the seats come from one snapshot.
-const SNAPSHOT: &str = "SELECT sc.last_event_id, st.row_num, st.col_num, st.status \
+const SNAPSHOT: Sql = Sql {
+    text: "SELECT sc.last_event_id, st.row_num, st.col_num, st.status \
      FROM schedule_event_counters sc LEFT JOIN schedule_seat_status st ON st.schedule_id = sc.schedule_id \
-     WHERE sc.schedule_id = $1";
+     WHERE sc.schedule_id = $1",
+    types: &[Type::INT8],
+};
 
 /// How often a hold transaction is tried before the caller gets a 503: a
 /// start may need a round for each kind of overdue hold in its way (the
@@ -140,12 +192,12 @@ const MAX_TX_ATTEMPTS: usize = 6;
 /// [`SeatStore`] on PostgreSQL.
 #[derive(Clone)]
 pub struct PgSeatStore {
-    pool: Pool,
+    db: Db,
 }
 
 impl PgSeatStore {
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    pub fn new(db: Db) -> Self {
+        Self { db }
     }
 }
 
@@ -169,13 +221,12 @@ impl EventBatch {
         });
     }
 
-    async fn append(mut self, tx: &Transaction<'_>) -> Result<(), DbError> {
+    async fn append(mut self, tx: &Tx<'_>) -> Result<(), DbError> {
         // Stable: a schedule's RELEASED stays before its OCCUPIED.
         self.0.sort_by_key(|e| e.schedule_id);
-        let stmt = tx.prepare_cached(APPEND_EVENT).await?;
         for e in &self.0 {
             tx.query_one(
-                &stmt,
+                &APPEND_EVENT,
                 &[
                     &e.schedule_id,
                     &e.action.as_str(),
@@ -199,24 +250,6 @@ enum Decision<T> {
     Refuse(HoldError),
     /// Roll back and try again, releasing these overdue holds first.
     ExpireFirst(Vec<Uuid>),
-}
-
-async fn query(
-    tx: &Transaction<'_>,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<Row>, DbError> {
-    let stmt = tx.prepare_cached(sql).await?;
-    Ok(tx.query(&stmt, params).await?)
-}
-
-async fn query_opt(
-    tx: &Transaction<'_>,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Option<Row>, DbError> {
-    let stmt = tx.prepare_cached(sql).await?;
-    Ok(tx.query_opt(&stmt, params).await?)
 }
 
 /// Seats as the two parallel arrays the statements `unnest`.
@@ -246,16 +279,16 @@ fn is_retryable(e: &DbError) -> bool {
 /// Expires an overdue hold inside `tx` and queues its `RELEASED` event.
 /// Returns false when the hold was not overdue or is no longer pending.
 async fn expire_in_tx(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     booking_id: Uuid,
     events: &mut EventBatch,
 ) -> Result<bool, DbError> {
-    let Some(row) = query_opt(tx, EXPIRE_BOOKING, &[&booking_id]).await? else {
+    let Some(row) = tx.query_opt(&EXPIRE_BOOKING, &[&booking_id]).await? else {
         return Ok(false);
     };
     let schedule_id: i64 = row.try_get(0)?;
     let Json(seats): Json<Vec<Seat>> = row.try_get(1)?;
-    query(tx, DELETE_SEATS_OF, &[&vec![booking_id]]).await?;
+    tx.query(&DELETE_SEATS_OF, &[&vec![booking_id]]).await?;
     events.push(schedule_id, SeatAction::Released, seats);
     Ok(true)
 }
@@ -291,17 +324,17 @@ impl SeatHolders {
 }
 
 async fn seat_holders(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     req: &HoldRequest,
     seats: &[Seat],
 ) -> Result<SeatHolders, DbError> {
     let (rows, cols) = seat_arrays(seats);
-    let holders = query(
-        tx,
-        SEAT_HOLDERS,
-        &[&req.schedule_id, &rows, &cols, &req.user_id],
-    )
-    .await?;
+    let holders = tx
+        .query(
+            &SEAT_HOLDERS,
+            &[&req.schedule_id, &rows, &cols, &req.user_id],
+        )
+        .await?;
     let mut out = SeatHolders {
         taken: Vec::new(),
         overdue: Vec::new(),
@@ -331,13 +364,16 @@ async fn seat_holders(
 /// booking of the same request is answered again, one of another request
 /// refuses, and an overdue one is released first (which frees the key).
 async fn decide_by_key(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     req: &HoldRequest,
 ) -> Result<Option<Decision<HoldOutcome>>, DbError> {
     let Some(key) = &req.idempotency_key else {
         return Ok(None);
     };
-    let Some(row) = query_opt(tx, FIND_BY_IDEMPOTENCY_KEY, &[&req.user_id, key]).await? else {
+    let Some(row) = tx
+        .query_opt(&FIND_BY_IDEMPOTENCY_KEY, &[&req.user_id, key])
+        .await?
+    else {
         return Ok(None);
     };
     let booking = booking_from_row(&row)?;
@@ -369,7 +405,7 @@ async fn decide_by_key(
 /// with those holds in `expire_first`, which are released first, in id
 /// order, before any other lock is taken.
 async fn hold_attempt(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     req: &HoldRequest,
     hold_seconds: i32,
     expire_first: &[Uuid],
@@ -380,12 +416,8 @@ async fn hold_attempt(
     // (one pending booking per user and schedule, the idempotency key),
     // and concurrent speculative inserts on one key can deadlock each
     // other inside PostgreSQL. Taken first, before any other lock.
-    query(
-        tx,
-        LOCK_USER,
-        &[&USER_LOCK_CLASS, &user_lock_key(req.user_id)],
-    )
-    .await?;
+    tx.query(&LOCK_USER, &[&USER_LOCK_CLASS, &user_lock_key(req.user_id)])
+        .await?;
     for &id in expire_first {
         // Conditional: a no-op for a hold that ended meanwhile.
         expire_in_tx(tx, id, events).await?;
@@ -406,24 +438,25 @@ async fn hold_attempt(
 
     let booking_id = Uuid::new_v4();
     let fingerprint = req.fingerprint();
-    let inserted = query_opt(
-        tx,
-        INSERT_BOOKING,
-        &[
-            &booking_id,
-            &req.schedule_id,
-            &req.user_id,
-            &Json(&req.seats),
-            &hold_seconds,
-            &req.idempotency_key,
-            &fingerprint,
-        ],
-    )
-    .await?;
+    let inserted = tx
+        .query_opt(
+            &INSERT_BOOKING,
+            &[
+                &booking_id,
+                &req.schedule_id,
+                &req.user_id,
+                &Json(&req.seats),
+                &hold_seconds,
+                &req.idempotency_key,
+                &fingerprint,
+            ],
+        )
+        .await?;
     let Some(row) = inserted else {
         // A unique index said no: the user's pending hold here, or the key.
-        if let Some(row) =
-            query_opt(tx, FIND_PENDING_OF_USER, &[&req.schedule_id, &req.user_id]).await?
+        if let Some(row) = tx
+            .query_opt(&FIND_PENDING_OF_USER, &[&req.schedule_id, &req.user_id])
+            .await?
         {
             let existing: Uuid = row.try_get(0)?;
             if row.try_get::<_, bool>(1)? {
@@ -445,12 +478,12 @@ async fn hold_attempt(
     let expires_at: DateTime<Utc> = row.try_get(0)?;
 
     let (rows, cols) = seat_arrays(&req.seats);
-    let inserted = query(
-        tx,
-        INSERT_SEATS,
-        &[&req.schedule_id, &booking_id, &expires_at, &rows, &cols],
-    )
-    .await?;
+    let inserted = tx
+        .query(
+            &INSERT_SEATS,
+            &[&req.schedule_id, &booking_id, &expires_at, &rows, &cols],
+        )
+        .await?;
     if inserted.len() < req.seats.len() {
         let mut missing = req.seats.clone();
         for row in &inserted {
@@ -490,25 +523,25 @@ enum Transition {
 }
 
 async fn transition_attempt(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     user_id: Uuid,
     booking_id: Uuid,
     to: Transition,
     events: &mut EventBatch,
 ) -> Result<Decision<Booking>, DbError> {
     let sql = match to {
-        Transition::Confirm => CONFIRM_BOOKING,
-        Transition::Cancel => CANCEL_BOOKING,
+        Transition::Confirm => &CONFIRM_BOOKING,
+        Transition::Cancel => &CANCEL_BOOKING,
     };
-    if let Some(row) = query_opt(tx, sql, &[&booking_id, &user_id]).await? {
+    if let Some(row) = tx.query_opt(sql, &[&booking_id, &user_id]).await? {
         let booking = booking_from_row(&row)?;
         let action = match to {
             Transition::Confirm => {
-                query(tx, CONFIRM_SEATS, &[&booking_id]).await?;
+                tx.query(&CONFIRM_SEATS, &[&booking_id]).await?;
                 SeatAction::Confirmed
             }
             Transition::Cancel => {
-                query(tx, DELETE_SEATS_OF, &[&vec![booking_id]]).await?;
+                tx.query(&DELETE_SEATS_OF, &[&vec![booking_id]]).await?;
                 SeatAction::Released
             }
         };
@@ -517,7 +550,10 @@ async fn transition_attempt(
     }
     // Not pending and in time: find out why, under the row lock so the
     // answer cannot change before we give it.
-    let Some(row) = query_opt(tx, LOCK_BOOKING, &[&booking_id, &user_id]).await? else {
+    let Some(row) = tx
+        .query_opt(&LOCK_BOOKING, &[&booking_id, &user_id])
+        .await?
+    else {
         return Ok(Decision::Refuse(HoldError::BookingNotFound));
     };
     let booking = booking_from_row(&row)?;
@@ -547,11 +583,11 @@ async fn transition_attempt(
 }
 
 async fn sweep_in_tx(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     limit: i64,
     events: &mut EventBatch,
 ) -> Result<Decision<usize>, DbError> {
-    let rows = query(tx, SWEEP_EXPIRED, &[&limit]).await?;
+    let rows = tx.query(&SWEEP_EXPIRED, &[&limit]).await?;
     if rows.is_empty() {
         return Ok(Decision::Commit(Ok(0)));
     }
@@ -563,7 +599,7 @@ async fn sweep_in_tx(
         // One event per booking keeps every NOTIFY payload small.
         events.push(row.try_get(1)?, SeatAction::Released, seats);
     }
-    query(tx, DELETE_SEATS_OF, &[&ids]).await?;
+    tx.query(&DELETE_SEATS_OF, &[&ids]).await?;
     Ok(Decision::Commit(Ok(rows.len())))
 }
 
@@ -581,7 +617,7 @@ trait TxAttempt: Sync {
 
     fn attempt<'a>(
         &'a self,
-        tx: &'a Transaction<'a>,
+        tx: &'a Tx<'a>,
         expire_first: &'a [Uuid],
         events: &'a mut EventBatch,
     ) -> impl Future<Output = Result<Decision<Self::Output>, DbError>> + Send + 'a;
@@ -598,7 +634,7 @@ impl TxAttempt for Hold<'_> {
 
     fn attempt<'a>(
         &'a self,
-        tx: &'a Transaction<'a>,
+        tx: &'a Tx<'a>,
         expire_first: &'a [Uuid],
         events: &'a mut EventBatch,
     ) -> impl Future<Output = Result<Decision<HoldOutcome>, DbError>> + Send + 'a {
@@ -618,7 +654,7 @@ impl TxAttempt for Move {
 
     fn attempt<'a>(
         &'a self,
-        tx: &'a Transaction<'a>,
+        tx: &'a Tx<'a>,
         _expire_first: &'a [Uuid],
         events: &'a mut EventBatch,
     ) -> impl Future<Output = Result<Decision<Booking>, DbError>> + Send + 'a {
@@ -636,7 +672,7 @@ impl TxAttempt for Sweep {
 
     fn attempt<'a>(
         &'a self,
-        tx: &'a Transaction<'a>,
+        tx: &'a Tx<'a>,
         _expire_first: &'a [Uuid],
         events: &'a mut EventBatch,
     ) -> impl Future<Output = Result<Decision<usize>, DbError>> + Send + 'a {
@@ -655,13 +691,13 @@ impl PgSeatStore {
         what: &'static str,
         attempt: A,
     ) -> Result<A::Output, HoldError> {
-        let mut client = PgConn::get(&self.pool).await?;
+        let mut conn = self.db.conn().await?;
         let mut expire_first: Vec<Uuid> = Vec::new();
         let mut tries = 0;
         loop {
             tries += 1;
             let result = async {
-                let tx = client.transaction().await?;
+                let tx = conn.transaction().await?;
                 let mut events = EventBatch::default();
                 match attempt.attempt(&tx, &expire_first, &mut events).await? {
                     Decision::Commit(answer) => {
@@ -715,16 +751,11 @@ impl SeatStore for PgSeatStore {
     }
 
     async fn booking(&self, user_id: Uuid, booking_id: Uuid) -> Result<Booking, HoldError> {
-        let client = PgConn::get(&self.pool).await?;
-        let stmt = client
-            .prepare_cached(GET_BOOKING)
-            .await
-            .map_err(DbError::from)?;
-        let row = client
-            .query_opt(&stmt, &[&booking_id, &user_id])
-            .await
-            .map_err(DbError::from)?;
-        match row {
+        let conn = self.db.conn().await?;
+        match conn
+            .query_opt(&GET_BOOKING, &[&booking_id, &user_id])
+            .await?
+        {
             Some(row) => Ok(booking_from_row(&row)?),
             None => Err(HoldError::BookingNotFound),
         }
@@ -759,15 +790,8 @@ impl SeatStore for PgSeatStore {
     }
 
     async fn seat_snapshot(&self, schedule_id: i64) -> Result<SeatSnapshot, HoldError> {
-        let client = PgConn::get(&self.pool).await?;
-        let stmt = client
-            .prepare_cached(SNAPSHOT)
-            .await
-            .map_err(DbError::from)?;
-        let rows = client
-            .query(&stmt, &[&schedule_id])
-            .await
-            .map_err(DbError::from)?;
+        let conn = self.db.conn().await?;
+        let rows = conn.query(&SNAPSHOT, &[&schedule_id]).await?;
         let Some(first) = rows.first() else {
             return Err(HoldError::ScheduleNotFound(schedule_id));
         };

@@ -19,11 +19,11 @@ use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenAuthority;
+use crate::db::Db;
 use crate::holds::SeatStore;
 use crate::realtime::stream::SeatStreams;
 use crate::schedules::ScheduleCatalog;
@@ -52,7 +52,7 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     pub limits: Arc<Limits>,
     /// The pooled connections, for `/readyz` and the pool gauges.
-    pub pool: Pool,
+    pub db: Db,
     /// Opens SSE streams on this replica's broadcast hubs.
     pub streams: SeatStreams,
     /// Whether this replica's LISTEN connection is up; `/readyz` reports it.

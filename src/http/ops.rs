@@ -12,7 +12,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
 
 use super::AppState;
-use crate::db::PgConn;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -42,8 +41,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let listener = state.listener_ready.load(Ordering::SeqCst);
     let database = !shutting_down
         && tokio::time::timeout(READY_DB_TIMEOUT, async {
-            let client = PgConn::get(&state.pool).await.ok()?;
-            client.simple_query("SELECT 1").await.ok()
+            state.db.conn().await.ok()?.ping().await.ok()
         })
         .await
         .ok()
@@ -69,9 +67,10 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!("seatsync_sse_connections")
         .set(state.sse_connections.load(Ordering::SeqCst) as f64);
     metrics::gauge!("seatsync_sse_channels").set(state.streams.channel_count() as f64);
-    let pool = state.pool.status();
+    let pool = state.db.pool().status();
     metrics::gauge!("seatsync_db_pool_size").set(pool.size as f64);
     metrics::gauge!("seatsync_db_pool_available").set(pool.available as f64);
+    metrics::gauge!("seatsync_db_pool_waiting").set(pool.waiting as f64);
     let body = state
         .metrics
         .as_ref()

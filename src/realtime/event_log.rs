@@ -1,16 +1,20 @@
 //! Reads the seat event log that every seat-changing transaction appends to.
 
-use deadpool_postgres::Pool;
-use postgres_types::Json;
+use postgres_types::{Json, Type};
 
-use crate::db::{DbError, PgConn};
+use crate::db::{Db, DbError, Sql, Statements};
 use crate::events::SeatEvent;
 use crate::schedules::Seat;
 
-const EVENTS_AFTER: &str = "SELECT event_id, action, seats FROM seat_events \
-     WHERE schedule_id = $1 AND event_id > $2 AND event_id <= $3 ORDER BY event_id LIMIT $4";
-const LAST_EVENT_ID: &str =
-    "SELECT last_event_id FROM schedule_event_counters WHERE schedule_id = $1";
+const EVENTS_AFTER: Sql = Sql {
+    text: "SELECT event_id, action, seats FROM seat_events \
+     WHERE schedule_id = $1 AND event_id > $2 AND event_id <= $3 ORDER BY event_id LIMIT $4",
+    types: &[Type::INT8, Type::INT8, Type::INT8, Type::INT8],
+};
+const LAST_EVENT_ID: Sql = Sql {
+    text: "SELECT last_event_id FROM schedule_event_counters WHERE schedule_id = $1",
+    types: &[Type::INT8],
+};
 
 /// Events fetched per query while replaying.
 const PAGE: i64 = 500;
@@ -27,20 +31,19 @@ pub enum ReplayError {
 
 #[derive(Clone)]
 pub struct EventLog {
-    pool: Pool,
+    db: Db,
 }
 
 impl EventLog {
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    pub fn new(db: Db) -> Self {
+        Self { db }
     }
 
     /// The id of the schedule's newest event (0 when none); `None` if the
     /// schedule does not exist.
     pub async fn last_event_id(&self, schedule_id: i64) -> Result<Option<i64>, DbError> {
-        let client = PgConn::get(&self.pool).await?;
-        let stmt = client.prepare_cached(LAST_EVENT_ID).await?;
-        match client.query_opt(&stmt, &[&schedule_id]).await? {
+        let conn = self.db.conn().await?;
+        match conn.query_opt(&LAST_EVENT_ID, &[&schedule_id]).await? {
             Some(row) => Ok(Some(row.try_get(0)?)),
             None => Ok(None),
         }
@@ -54,18 +57,13 @@ impl EventLog {
         after: i64,
         upto: i64,
     ) -> Result<Vec<SeatEvent>, ReplayError> {
-        let client = PgConn::get(&self.pool).await?;
-        let stmt = client
-            .prepare_cached(EVENTS_AFTER)
-            .await
-            .map_err(DbError::from)?;
+        let conn = self.db.conn().await?;
         let mut out = Vec::new();
         let mut pos = after;
         while pos < upto {
-            let rows = client
-                .query(&stmt, &[&schedule_id, &pos, &upto, &PAGE])
-                .await
-                .map_err(DbError::from)?;
+            let rows = conn
+                .query(&EVENTS_AFTER, &[&schedule_id, &pos, &upto, &PAGE])
+                .await?;
             if rows.is_empty() {
                 return Err(ReplayError::Pruned(pos));
             }
