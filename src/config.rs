@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::db::StatementMode;
+use crate::telemetry::LogFormat;
 
 /// The most seats one booking may ask for. The `OCCUPIED` NOTIFY payload
 /// carries every seat of a booking and must stay far below PostgreSQL's
@@ -51,6 +52,11 @@ pub struct Config {
     /// nothing and a session lock is not held. Defaults to DATABASE_URL.
     #[arg(long, env = "LISTEN_DATABASE_URL", global = true)]
     pub listen_database_url: Option<String>,
+
+    /// Log lines as `text` (for people) or `json` (one object per line, with
+    /// the request id of every line logged while serving a request).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
 
     /// How pooled statements are sent: `prepared` (named, cached per
     /// connection) or `unnamed` (parse, bind and execute in one flight,

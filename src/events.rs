@@ -49,6 +49,10 @@ pub struct SeatEvent {
     pub event_id: i64,
     pub action: SeatAction,
     pub seats: Vec<Seat>,
+    /// The database clock just before the change committed, in
+    /// microseconds since the epoch; only notifications carry it.
+    #[serde(default)]
+    pub at_micros: Option<i64>,
 }
 
 #[cfg(test)]
@@ -57,9 +61,10 @@ mod tests {
 
     #[test]
     fn parses_the_notify_payload() {
-        let p = r#"{"scheduleId": 7, "eventId": 3, "action": "RELEASED", "seats": [{"col": 2, "row": 1}]}"#;
+        let p = r#"{"scheduleId": 7, "eventId": 3, "action": "RELEASED", "seats": [{"col": 2, "row": 1}], "atMicros": 5}"#;
         let e: SeatEvent = serde_json::from_str(p).unwrap();
         assert_eq!(e.schedule_id, 7);
+        assert_eq!(e.at_micros, Some(5));
         assert_eq!(e.action, SeatAction::Released);
         assert_eq!(e.seats, vec![Seat { row: 1, col: 2 }]);
     }

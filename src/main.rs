@@ -26,7 +26,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    seatsync::telemetry::init();
+    seatsync::telemetry::init(cli.config.log_format);
     let serving = !matches!(cli.command, Some(Command::Migrate));
     if let Err(e) = cli.config.validate(serving) {
         eprintln!("seatsync: configuration error: {e}");

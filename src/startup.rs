@@ -63,10 +63,22 @@ pub struct Application {
     database_url: String,
 }
 
+/// Seconds, from a fast answer to a slow one under a ticket drop.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 fn metrics_handle() -> Option<PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
     HANDLE
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .get_or_init(|| {
+            // Histograms, not summaries: buckets add up across replicas.
+            PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
         .clone()
 }
 

@@ -112,7 +112,9 @@ const DELETE_SEATS_OF: Sql = Sql {
 };
 
 /// Bumps the schedule's counter (its row lock orders event ids by commit),
-/// logs the event and notifies, all in one round trip.
+/// logs the event and notifies, all in one round trip. The notification
+/// carries the database clock at this last statement before commit, so
+/// replicas can measure how long events take to reach their clients.
 const APPEND_EVENT: Sql = Sql {
     text: "WITH bumped AS ( \
        UPDATE schedule_event_counters SET last_event_id = last_event_id + 1 \
@@ -122,7 +124,8 @@ const APPEND_EVENT: Sql = Sql {
        SELECT $1, last_event_id, $2, $3 FROM bumped RETURNING event_id \
      ) \
      SELECT event_id, pg_notify($4, json_build_object( \
-       'scheduleId', $1::bigint, 'eventId', event_id, 'action', $2::text, 'seats', $3::jsonb)::text)::text \
+       'scheduleId', $1::bigint, 'eventId', event_id, 'action', $2::text, 'seats', $3::jsonb, \
+       'atMicros', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text)::text \
      FROM logged",
     types: &[Type::INT8, Type::TEXT, Type::JSONB, Type::TEXT],
 };

@@ -31,7 +31,8 @@ pub async fn run_sweeper(
             match store.release_expired(SWEEP_BATCH).await {
                 Ok(n) => {
                     if n > 0 {
-                        metrics::counter!("seatsync_holds_expired_total").increment(n as u64);
+                        metrics::counter!("seatsync_holds_total", "outcome" => "expired")
+                            .increment(n as u64);
                         tracing::debug!(released = n, "expired holds released");
                     }
                     if (n as i64) < SWEEP_BATCH {

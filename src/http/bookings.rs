@@ -124,6 +124,13 @@ pub async fn start_booking(
         Err(_) => "refused",
     };
     metrics::counter!("seatsync_booking_starts_total", "outcome" => label).increment(1);
+    match label {
+        "held" => metrics::counter!("seatsync_holds_total", "outcome" => "started").increment(1),
+        "seats_taken" => {
+            metrics::counter!("seatsync_holds_total", "outcome" => "conflicted").increment(1)
+        }
+        _ => {}
+    }
     let outcome = result?;
     Ok((
         StatusCode::CREATED,
@@ -165,7 +172,7 @@ pub async fn confirm_booking(
     BookingIdPath(id): BookingIdPath,
 ) -> Result<Json<BookingResponse>, ApiError> {
     let booking = state.store.confirm(user_id, id).await?;
-    metrics::counter!("seatsync_bookings_confirmed_total").increment(1);
+    metrics::counter!("seatsync_holds_total", "outcome" => "confirmed").increment(1);
     Ok(Json(booking.into()))
 }
 
@@ -185,5 +192,7 @@ pub async fn cancel_booking(
     User(user_id): User,
     BookingIdPath(id): BookingIdPath,
 ) -> Result<Json<BookingResponse>, ApiError> {
-    Ok(Json(state.store.cancel(user_id, id).await?.into()))
+    let booking = state.store.cancel(user_id, id).await?;
+    metrics::counter!("seatsync_holds_total", "outcome" => "cancelled").increment(1);
+    Ok(Json(booking.into()))
 }

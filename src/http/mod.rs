@@ -6,6 +6,7 @@ pub mod bookings;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod observe;
 pub mod openapi;
 pub mod ops;
 pub mod page;
@@ -78,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(reject_large_bodies))
+        .layer(middleware::from_fn(observe::observe))
         .with_state(state)
 }
 

@@ -78,6 +78,7 @@ impl EventLog {
                     event_id,
                     action: row.try_get(1).map_err(DbError::from)?,
                     seats,
+                    at_micros: None,
                 });
                 pos = event_id;
             }

@@ -169,6 +169,7 @@ mod tests {
             event_id: id,
             action: SeatAction::Occupied,
             seats: vec![Seat { row: 1, col: 1 }],
+            at_micros: None,
         }
     }
 

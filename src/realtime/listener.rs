@@ -23,7 +23,11 @@ use crate::events::{SeatEvent, NOTIFY_CHANNEL};
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(2);
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Short: the replica serves nothing while its listener is down, so it
+/// must notice a database that is back within a second. An attempt against
+/// a database that is down is one refused connection; one that hangs is
+/// bounded by the connect timeout.
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Notifications buffered between the socket and the relay. When full, the
 /// driver stops reading and PostgreSQL queues for us, so memory stays bounded.
 const NOTIFICATION_BUFFER: usize = 4_096;
@@ -145,6 +149,13 @@ impl ListenerRelay {
             Ok(event) => {
                 metrics::counter!("seatsync_events_relayed_total").increment(1);
                 self.hubs.publish(&event);
+                // Commit to hand-over to this replica's streams, which write
+                // it at once. Across machines this includes clock skew.
+                if let Some(at) = event.at_micros {
+                    let now = chrono::Utc::now().timestamp_micros();
+                    metrics::histogram!("seatsync_event_commit_to_send_seconds")
+                        .record(now.saturating_sub(at).max(0) as f64 / 1e6);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, payload = n.payload(), "unreadable seat notification")

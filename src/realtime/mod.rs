@@ -63,6 +63,7 @@ mod tests {
             event_id: 43,
             action: SeatAction::Occupied,
             seats: vec![Seat { row: 1, col: 5 }, Seat { row: 1, col: 6 }],
+            at_micros: Some(1),
         };
         assert_eq!(
             Frame::of(&e).bytes,
