@@ -41,5 +41,6 @@ echo "seatsync: testing against $SEATSYNC_TEST_DATABASE_URL" >&2
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+./deploy/validate.sh
 # Unit tests, then the integration suite (its summary is the last line).
 cargo test --locked --lib --bins --tests
