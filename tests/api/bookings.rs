@@ -666,10 +666,15 @@ async fn expired_bookings_refuse_confirm_and_cancel() {
     let b_id = b.booking_id();
 
     let path = format!("/api/bookings/{a_id}");
-    wait_for("the hold to expire", Duration::from_secs(10), || async {
-        (r.get(&path, Some(&alice)).await.body["status"] == "EXPIRED").then_some(())
-    })
-    .await;
+    // Bob's hold started after Alice's, so it may still be live when hers
+    // has expired: wait for each one's own expiry.
+    for (token, id) in [(&alice, &a_id), (&bob, &b_id)] {
+        let path = format!("/api/bookings/{id}");
+        wait_for("the hold to expire", Duration::from_secs(10), || async {
+            (r.get(&path, Some(token)).await.body["status"] == "EXPIRED").then_some(())
+        })
+        .await;
+    }
     r.confirm(&alice, &a_id)
         .await
         .assert_problem(410, "booking_expired");

@@ -24,8 +24,8 @@ fn set(seats: &[(i64, i64)]) -> SeatSet {
     seats.iter().copied().collect()
 }
 
-/// Lets time pass until `t` (by the shared clock); callers still verify the
-/// state they wait for.
+/// Lets time pass until `t`: only to send a request at a chosen moment,
+/// never to wait for a state (that is [`TestDb::wait_clock_past`]).
 async fn sleep_until(t: DateTime<Utc>) {
     if let Ok(d) = (t - Utc::now()).to_std() {
         tokio::time::sleep(d).await;
@@ -202,7 +202,7 @@ async fn expired_but_unswept_hold_never_blocks() {
     }
 
     let latest = expires.iter().max().copied().unwrap();
-    sleep_until(latest + chrono::TimeDelta::milliseconds(20)).await;
+    db.wait_clock_past(latest).await;
     // All five are past expiry by the database clock and still unswept.
     let overdue: i64 = db
         .client()
@@ -697,7 +697,8 @@ async fn takeover_racing_a_sweep_does_not_deadlock() {
     // Overdue holds are taken over in booking-id order: `first` is met first.
     old.sort();
     let [(first_id, first_seat), (second_id, _)] = [(old[0].0, old[0].1), (old[1].0, old[1].1)];
-    sleep_until(old.iter().map(|o| o.2).max().unwrap() + chrono::TimeDelta::milliseconds(20)).await;
+    db.wait_clock_past(old.iter().map(|o| o.2).max().unwrap())
+        .await;
 
     let watcher = db.client().await;
     let sweeper = db.client().await;

@@ -77,6 +77,25 @@ impl TestDb {
         admin_client(&self.url).await
     }
 
+    /// Waits until the database clock, which holds expire by, is past `t`.
+    pub async fn wait_clock_past(&self, t: chrono::DateTime<chrono::Utc>) {
+        let c = self.client().await;
+        let left = (t - chrono::Utc::now()).to_std().unwrap_or_default();
+        wait_for(
+            &format!("the database clock to pass {t}"),
+            left + Duration::from_secs(10),
+            || async {
+                let past: bool = c
+                    .query_one("SELECT clock_timestamp() > $1", &[&t])
+                    .await
+                    .unwrap()
+                    .get(0);
+                past.then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Seats held by more than one booking (must always be 0) — checked
     /// directly in the tables, not through the API.
     pub async fn assert_consistent(&self) {
