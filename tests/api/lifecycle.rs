@@ -176,11 +176,8 @@ async fn tracked_stream(
                 Some(Err(e)) => return End::Broken(format!("{e:?}")),
                 Some(Ok(chunk)) => {
                     buf.push_str(&String::from_utf8_lossy(&chunk));
-                    while let Some(end) = buf.find("\n\n") {
-                        let block: String = buf.drain(..end + 2).collect();
-                        if let Some(f) = parse_sse_block(&block) {
-                            let _ = tx.send(f);
-                        }
+                    for f in take_frames(&mut buf) {
+                        let _ = tx.send(f);
                     }
                 }
             }
@@ -379,16 +376,8 @@ async fn read_raw_to_end(s: &mut TcpStream, timeout: Duration) -> (Vec<SseFrame>
             }
         }
     };
-    let text = String::from_utf8_lossy(&body);
-    let mut frames = Vec::new();
-    let mut text = &text[..];
-    while let Some(end) = text.find("\n\n") {
-        if let Some(f) = parse_sse_block(&text[..end + 2]) {
-            frames.push(f);
-        }
-        text = &text[end + 2..];
-    }
-    (frames, clean)
+    let mut text = String::from_utf8_lossy(&body).into_owned();
+    (take_frames(&mut text), clean)
 }
 
 /// Whether the kernel has an ESTABLISHED server-side socket from

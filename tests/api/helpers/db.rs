@@ -1,0 +1,218 @@
+//! A database of its own per test, and what tests read from it directly:
+//! table invariants, the seat-event log, deadlock counts.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::{seat_set, wait_for, Replica};
+
+fn admin_url() -> String {
+    std::env::var("SEATSYNC_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+async fn admin_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+fn to_url(cfg: &tokio_postgres::Config) -> String {
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".into(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().unwrap_or("postgres");
+    let password = cfg
+        .get_password()
+        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
+    format!(
+        "postgres://{user}{password}@{host}:{port}/{}",
+        cfg.get_dbname().unwrap_or("postgres")
+    )
+}
+
+/// A seat event, as the log and the stream carry it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    pub id: i64,
+    pub action: String,
+    pub seats: BTreeSet<(i64, i64)>,
+}
+
+/// A database of its own for one test, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let admin = admin_url();
+        let name = format!("seatsync_test_{}", Uuid::new_v4().simple());
+        admin_client(&admin)
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test db");
+        let mut cfg: tokio_postgres::Config = admin.parse().expect("admin url");
+        cfg.dbname(&name);
+        let url = to_url(&cfg);
+        TestDb { name, url, admin }
+    }
+
+    /// A client on the test database (for assertions and fault injection).
+    pub async fn client(&self) -> tokio_postgres::Client {
+        admin_client(&self.url).await
+    }
+
+    /// Waits until the database clock, which holds expire by, is past `t`.
+    pub async fn wait_clock_past(&self, t: DateTime<Utc>) {
+        let c = self.client().await;
+        let left = (t - Utc::now()).to_std().unwrap_or_default();
+        wait_for(
+            &format!("the database clock to pass {t}"),
+            left + Duration::from_secs(10),
+            || async {
+                let past: bool = c
+                    .query_one("SELECT clock_timestamp() > $1", &[&t])
+                    .await
+                    .unwrap()
+                    .get(0);
+                past.then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Seats held by more than one booking (must always be 0) — checked
+    /// directly in the tables, not through the API.
+    pub async fn assert_consistent(&self) {
+        let c = self.client().await;
+        let dup = query_i64(
+            &c,
+            "SELECT count(*) FROM (SELECT schedule_id, row_num, col_num FROM schedule_seat_status \
+             GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+            &[],
+        )
+        .await;
+        assert_eq!(dup, 0, "a seat is held twice");
+        // Every seat row belongs to a live booking of the same schedule.
+        let orphans = query_i64(
+            &c,
+            "SELECT count(*) FROM schedule_seat_status st JOIN bookings b ON b.id = st.booking_id \
+             WHERE b.status NOT IN ('PENDING', 'CONFIRMED') OR b.schedule_id <> st.schedule_id \
+             OR (b.status = 'CONFIRMED') <> (st.status = 'CONFIRMED')",
+            &[],
+        )
+        .await;
+        assert_eq!(orphans, 0, "seat rows disagree with their bookings");
+        // Every live booking holds exactly its seats.
+        let mismatched = query_i64(
+            &c,
+            "SELECT count(*) FROM bookings b WHERE b.status IN ('PENDING', 'CONFIRMED') AND \
+             jsonb_array_length(b.seats) <> (SELECT count(*) FROM schedule_seat_status st WHERE st.booking_id = b.id)",
+            &[],
+        )
+        .await;
+        assert_eq!(
+            mismatched, 0,
+            "a live booking does not hold exactly its seats"
+        );
+    }
+
+    /// The `seat_events` rows of a schedule in id order, read from the table.
+    pub async fn logged_seat_events(&self, schedule: i64) -> Vec<LoggedEvent> {
+        let c = self.client().await;
+        let rows = c
+            .query(
+                "SELECT event_id, action, seats FROM seat_events WHERE schedule_id = $1 ORDER BY event_id",
+                &[&schedule],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| LoggedEvent {
+                id: r.get(0),
+                action: r.get(1),
+                seats: seat_set(&r.get::<_, Value>(2)),
+            })
+            .collect()
+    }
+
+    /// Deadlocks PostgreSQL detected in this database. Kills `replicas`
+    /// first and waits for their backends to exit, since a backend reports
+    /// its counts when it ends.
+    pub async fn deadlocks_after_shutdown(&self, replicas: Vec<Replica>) -> i64 {
+        for mut r in replicas {
+            r.kill().await;
+        }
+        let c = self.client().await;
+        wait_for(
+            "the replicas' connections to close",
+            Duration::from_secs(10),
+            || async {
+                let n = query_i64(
+                    &c,
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                     AND application_name = 'seatsync'",
+                    &[],
+                )
+                .await;
+                (n == 0).then_some(())
+            },
+        )
+        .await;
+        query_i64(
+            &c,
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        // Drop runs outside async; a short-lived runtime on its own thread.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok((c, conn)) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = c
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The single integer `sql` selects, such as a `count(*)`.
+pub async fn query_i64(
+    c: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> i64 {
+    c.query_one(sql, params).await.unwrap().get(0)
+}
