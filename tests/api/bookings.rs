@@ -1,7 +1,7 @@
 //! Every endpoint of the contract and every status and code it names, over
 //! real HTTP against a real replica and a real database.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,32 +11,13 @@ use uuid::Uuid;
 
 use crate::helpers::*;
 
-/// The seats of a response or event as a set of (row, col).
-fn seat_set(v: &Value) -> BTreeSet<(i64, i64)> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("seats is not a list: {v}"))
-        .iter()
-        .map(|s| {
-            (
-                s["row"].as_i64().expect("row"),
-                s["col"].as_i64().expect("col"),
-            )
-        })
-        .collect()
-}
-
-fn set(seats: &[(i64, i64)]) -> BTreeSet<(i64, i64)> {
-    seats.iter().copied().collect()
-}
-
+/// A time the contract promises in UTC, written with a Z.
 fn time(v: &Value) -> DateTime<Utc> {
     let s = v
         .as_str()
         .unwrap_or_else(|| panic!("not a time string: {v}"));
     assert!(s.ends_with('Z'), "times are UTC with a Z: {s}");
-    DateTime::parse_from_rfc3339(s)
-        .unwrap_or_else(|e| panic!("not RFC 3339: {s}: {e}"))
-        .with_timezone(&Utc)
+    timestamp(v)
 }
 
 /// A UUID in the lowercase hyphenated form the contract promises.
@@ -178,7 +159,7 @@ async fn schedules_are_created_by_the_admin_and_read_by_anyone() {
     assert_eq!(s["startsAt"], "2026-12-24T19:30:00.123456Z");
     assert_eq!(s["rows"], 10);
     assert_eq!(s["cols"], 20);
-    assert_eq!(seat_set(&s["blocked"]), set(&[(1, 1), (10, 20)]));
+    assert_eq!(seat_set(&s["blocked"]), set_of(&[(1, 1), (10, 20)]));
     assert_eq!(s["maxSeatsPerBooking"], 4);
     assert_eq!(s["holdSeconds"], 300);
 
@@ -299,7 +280,7 @@ async fn start_holds_every_seat_in_one_event() {
     let id = assert_lower_uuid(&b.body["bookingId"]);
     assert_eq!(b.body["scheduleId"], schedule);
     assert_eq!(b.body["status"], "PENDING");
-    assert_eq!(seat_set(&b.body["seats"]), set(&seats));
+    assert_eq!(seat_set(&b.body["seats"]), set_of(&seats));
     assert_eq!(b.body["seats"].as_array().unwrap().len(), 4);
     let expires = time(&b.body["expiresAt"]);
     let hold = chrono::Duration::seconds(300);
@@ -326,7 +307,7 @@ async fn start_holds_every_seat_in_one_event() {
         .unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].get::<_, String>(1), "OCCUPIED");
-    assert_eq!(seat_set(&events[0].get::<_, Value>(2)), set(&seats));
+    assert_eq!(seat_set(&events[0].get::<_, Value>(2)), set_of(&seats));
 
     let got = r.get(&format!("/api/bookings/{id}"), Some(&token)).await;
     assert_eq!(got.status, 200);
@@ -367,13 +348,13 @@ async fn seats_taken_names_exactly_the_taken_requested_seats() {
         .start(&carol, schedule, &[(3, 3), (1, 2), (2, 3), (4, 4)])
         .await;
     c.assert_problem(409, "seats_taken");
-    assert_eq!(seat_set(&c.body["seats"]), set(&[(1, 2), (2, 3)]));
+    assert_eq!(seat_set(&c.body["seats"]), set_of(&[(1, 2), (2, 3)]));
     assert_eq!(c.body["seats"].as_array().unwrap().len(), 2, "{}", c.body);
 
     // Only held seats.
     let c = r.start(&carol, schedule, &[(2, 2)]).await;
     c.assert_problem(409, "seats_taken");
-    assert_eq!(seat_set(&c.body["seats"]), set(&[(2, 2)]));
+    assert_eq!(seat_set(&c.body["seats"]), set_of(&[(2, 2)]));
 
     // Nothing was held, no event, no booking row.
     assert_eq!(r.snapshot(schedule).await, before);
@@ -601,7 +582,7 @@ async fn confirm_and_cancel_are_idempotent_and_final() {
     assert_eq!(c.status, 200, "{}", c.body);
     assert_eq!(c.body["status"], "CONFIRMED");
     assert_eq!(c.body["bookingId"], a_id);
-    assert_eq!(seat_set(&c.body["seats"]), set(&[(1, 1), (1, 2)]));
+    assert_eq!(seat_set(&c.body["seats"]), set_of(&[(1, 1), (1, 2)]));
     let after_confirm = r.snapshot(schedule).await;
     assert_eq!(
         after_confirm,

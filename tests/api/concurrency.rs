@@ -3,8 +3,7 @@
 //! true (a 201 holds its seats alone, a 409 names seats that really were
 //! held by someone whose hold succeeded).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -17,8 +16,6 @@ use crate::helpers::*;
 const ROWS: i64 = 4;
 const COLS: i64 = 6;
 
-type SeatSet = BTreeSet<(i64, i64)>;
-
 /// 1-4 distinct seats of the small grid, in random order (the server must
 /// not depend on the order it is sent).
 fn random_seats(rng: &mut StdRng) -> Vec<(i64, i64)> {
@@ -30,25 +27,6 @@ fn random_seats(rng: &mut StdRng) -> Vec<(i64, i64)> {
     let mut seats: Vec<(i64, i64)> = set.into_iter().collect();
     seats.shuffle(rng);
     seats
-}
-
-async fn two_replicas(db: &TestDb) -> [Arc<Replica>; 2] {
-    let (a, b) = tokio::join!(
-        Replica::spawn(db, ReplicaOpts::default()),
-        Replica::spawn(db, ReplicaOpts::default())
-    );
-    [Arc::new(a), Arc::new(b)]
-}
-
-fn owned(replicas: [Arc<Replica>; 2]) -> Vec<Replica> {
-    replicas
-        .into_iter()
-        .map(|r| Arc::into_inner(r).expect("no request still uses the replica"))
-        .collect()
-}
-
-async fn guests(r: &Replica, n: usize) -> Vec<String> {
-    join_all((0..n).map(|_| r.guest())).await
 }
 
 /// One `start` and what came of it, with the instants it was sent and
@@ -91,10 +69,11 @@ fn assert_no_server_error(what: &str, resp: &ApiResponse) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_starts_on_two_replicas_never_double_book() {
     let db = TestDb::create().await;
-    let replicas = two_replicas(&db).await;
+    let (a, b) = two_replicas(&db, ReplicaOpts::default()).await;
+    let replicas = [a, b];
     let schedule = replicas[0].create_schedule(ROWS, COLS, &[]).await;
-    let users = 240;
-    let tokens = guests(&replicas[0], users).await;
+    let tokens: [String; 240] = replicas[0].guests().await;
+    let users = tokens.len();
 
     // Every user sends two different holds at once, one to each replica, so
     // the one-pending-booking rule is raced across processes too.
@@ -213,7 +192,7 @@ async fn overlapping_starts_on_two_replicas_never_double_book() {
     assert_eq!(event_sets, held_sets);
     assert_eq!(replayed_map(&events), snap);
     db.assert_consistent().await;
-    let deadlocks = db.deadlocks_after_shutdown(owned(replicas)).await;
+    let deadlocks = db.deadlocks_after_shutdown(replicas.into()).await;
 
     println!(
         "concurrency: {} starts from {users} users on 2 replicas: held {} ({} seats of {}), seats_taken {seats_taken}, booking_in_progress {in_progress}, deadlocks {deadlocks}",
@@ -252,7 +231,7 @@ struct Hold {
 }
 
 async fn user_session(
-    replicas: &[Arc<Replica>; 2],
+    replicas: &[Replica; 2],
     user: usize,
     token: &str,
     schedule: i64,
@@ -295,11 +274,12 @@ async fn user_session(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_confirms_and_cancels_interleaved_keep_the_invariant() {
     let db = TestDb::create().await;
-    let replicas = two_replicas(&db).await;
+    let (a, b) = two_replicas(&db, ReplicaOpts::default()).await;
+    let replicas = [a, b];
     let schedule = replicas[0].create_schedule(ROWS, COLS, &[]).await;
-    let users = 120;
+    let tokens: [String; 120] = replicas[0].guests().await;
+    let users = tokens.len();
     let rounds = 6;
-    let tokens = guests(&replicas[0], users).await;
 
     let sessions: Vec<Vec<Step>> =
         join_all((0..users).map(|u| user_session(&replicas, u, &tokens[u], schedule, rounds)))
@@ -443,7 +423,7 @@ async fn starts_confirms_and_cancels_interleaved_keep_the_invariant() {
     assert_eq!(replayed_map(&events), snap);
     assert_eq!(db.logged_seat_events(schedule).await, events);
     db.assert_consistent().await;
-    let deadlocks = db.deadlocks_after_shutdown(owned(replicas)).await;
+    let deadlocks = db.deadlocks_after_shutdown(replicas.into()).await;
 
     let starts: usize = sessions
         .iter()
@@ -475,7 +455,7 @@ async fn a_storm_of_starts_takes_over_expired_unswept_holds_without_409s() {
     let schedule = short.create_schedule(ROWS, COLS, &[]).await;
 
     // Fill the grid with 1-second holds of three seats each.
-    let fillers = guests(&short, 8).await;
+    let fillers: [String; 8] = short.guests().await;
     let old: Vec<(String, SeatSet)> = join_all(fillers.iter().enumerate().map(|(i, t)| {
         let seats: Vec<(i64, i64)> = (0..3)
             .map(|k| {
@@ -512,8 +492,8 @@ async fn a_storm_of_starts_takes_over_expired_unswept_holds_without_409s() {
     )
     .await;
 
-    let users = 300;
-    let tokens = guests(&r1, users).await;
+    let tokens: [String; 300] = r1.guests().await;
+    let users = tokens.len();
     let mut rng = StdRng::seed_from_u64(0x5ea7_2000);
     let plan: Vec<Vec<(i64, i64)>> = (0..users).map(|_| random_seats(&mut rng)).collect();
     let attempts: Vec<Attempt> = join_all(plan.iter().enumerate().map(|(u, seats)| {

@@ -6,7 +6,7 @@
 //! The tests and PostgreSQL run on one machine, so the system clock here is
 //! the database clock `expiresAt` is measured by.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -15,14 +15,8 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-type SeatSet = BTreeSet<(i64, i64)>;
-
 /// The API's promise: released within 2 s of expiry.
 const RELEASE_WITHIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
-
-fn set(seats: &[(i64, i64)]) -> SeatSet {
-    seats.iter().copied().collect()
-}
 
 /// Lets time pass until `t`: only to send a request at a chosen moment,
 /// never to wait for a state (that is [`TestDb::wait_clock_past`]).
@@ -37,16 +31,6 @@ async fn next_seat_event(sse: &mut SseClient, timeout: Duration) -> (i64, String
         Some(SseFrame::Event { id, action, seats }) => (id, action, seats.into_iter().collect()),
         other => panic!("expected a seat event, got {other:?}"),
     }
-}
-
-async fn open_live_stream(r: &Replica, schedule: i64) -> SseClient {
-    let mut sse = r.stream(schedule, None).await;
-    assert_eq!(sse.status, 200);
-    assert_eq!(
-        sse.next(Duration::from_secs(5)).await,
-        Some(SseFrame::Retry(3000))
-    );
-    sse
 }
 
 /// Bookings of `schedule` still `PENDING` in the table (swept or not).
@@ -90,7 +74,7 @@ async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
     let db = TestDb::create().await;
     let r = Replica::spawn(&db, ReplicaOpts::default().with("HOLD_SECONDS", 1)).await;
     let schedule = r.create_schedule(3, 3, &[]).await;
-    let mut sse = open_live_stream(&r, schedule).await;
+    let mut sse = r.subscribe(schedule, None).await;
     let token = r.guest().await;
 
     let before = Utc::now();
@@ -107,7 +91,7 @@ async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
     );
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (1, "OCCUPIED".to_owned(), set(&[(1, 1), (1, 2)]))
+        (1, "OCCUPIED".to_owned(), set_of(&[(1, 1), (1, 2)]))
     );
 
     // The RELEASED event arrives no earlier than expiry and within 2 s of it.
@@ -115,7 +99,7 @@ async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
     let arrived = Utc::now();
     assert_eq!(
         (eid, action.as_str(), seats),
-        (2, "RELEASED", set(&[(1, 1), (1, 2)]))
+        (2, "RELEASED", set_of(&[(1, 1), (1, 2)]))
     );
     assert!(
         arrived <= expires_at + RELEASE_WITHIN,
@@ -171,16 +155,8 @@ async fn expired_but_unswept_hold_never_blocks() {
     )
     .await;
     let schedule = r.create_schedule(4, 4, &[]).await;
-    let mut sse = open_live_stream(&r, schedule).await;
-    let [alice, bob, carol, dave, erin, frank] = [(); 6].map(|_| r.guest());
-    let (alice, bob, carol, dave, erin, frank) = (
-        alice.await,
-        bob.await,
-        carol.await,
-        dave.await,
-        erin.await,
-        frank.await,
-    );
+    let mut sse = r.subscribe(schedule, None).await;
+    let [alice, bob, carol, dave, erin, frank] = r.guests().await;
 
     let a = r
         .start_with_key(&alice, schedule, &[(1, 1), (1, 2)], "alice-key")
@@ -227,11 +203,11 @@ async fn expired_but_unswept_hold_never_blocks() {
     assert_eq!(b.status, 201, "an expired hold caused {}", b.body);
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (6, "RELEASED".to_owned(), set(&[(1, 1), (1, 2)]))
+        (6, "RELEASED".to_owned(), set_of(&[(1, 1), (1, 2)]))
     );
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (7, "OCCUPIED".to_owned(), set(&[(1, 2), (1, 3)]))
+        (7, "OCCUPIED".to_owned(), set_of(&[(1, 2), (1, 3)]))
     );
     r.confirm(&alice, &a.booking_id())
         .await
@@ -242,11 +218,11 @@ async fn expired_but_unswept_hold_never_blocks() {
     assert_eq!(c2.status, 201, "{}", c2.body);
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (8, "RELEASED".to_owned(), set(&[(2, 1)]))
+        (8, "RELEASED".to_owned(), set_of(&[(2, 1)]))
     );
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (9, "OCCUPIED".to_owned(), set(&[(2, 2)]))
+        (9, "OCCUPIED".to_owned(), set_of(&[(2, 2)]))
     );
 
     // The Idempotency-Key of an expired booking is free again: the same key
@@ -264,11 +240,11 @@ async fn expired_but_unswept_hold_never_blocks() {
     assert!(timestamp(&d2.body["expiresAt"]) > Utc::now());
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (10, "RELEASED".to_owned(), set(&[(3, 1), (3, 2)]))
+        (10, "RELEASED".to_owned(), set_of(&[(3, 1), (3, 2)]))
     );
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (11, "OCCUPIED".to_owned(), set(&[(3, 1), (3, 2)]))
+        (11, "OCCUPIED".to_owned(), set_of(&[(3, 1), (3, 2)]))
     );
     let again = r
         .start_with_key(&dave, schedule, &[(3, 1), (3, 2)], "dave-key")
@@ -283,14 +259,14 @@ async fn expired_but_unswept_hold_never_blocks() {
         .assert_problem(410, "booking_expired");
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (12, "RELEASED".to_owned(), set(&[(4, 1)]))
+        (12, "RELEASED".to_owned(), set_of(&[(4, 1)]))
     );
     r.cancel(&frank, &f.booking_id())
         .await
         .assert_problem(410, "booking_expired");
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (13, "RELEASED".to_owned(), set(&[(4, 4)]))
+        (13, "RELEASED".to_owned(), set_of(&[(4, 4)]))
     );
 
     for (resp, token) in [
@@ -414,13 +390,10 @@ async fn start_all(r: &Replica, schedule: i64, tokens: &[String]) -> Vec<ApiResp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirm_racing_cancel_has_exactly_one_winner() {
     let db = TestDb::create().await;
-    let (r1, r2) = tokio::join!(
-        Replica::spawn(&db, ReplicaOpts::default()),
-        Replica::spawn(&db, ReplicaOpts::default())
-    );
-    let n = 40;
+    let (r1, r2) = two_replicas(&db, ReplicaOpts::default()).await;
     let schedule = r1.create_schedule(20, 4, &[]).await;
-    let tokens = join_all((0..n).map(|_| r1.guest())).await;
+    let tokens: [String; 40] = r1.guests().await;
+    let n = tokens.len();
     let started = start_all(&r1, schedule, &tokens).await;
 
     // Confirm on one replica, cancel on the other, all at once.
@@ -445,7 +418,7 @@ async fn confirm_racing_cancel_has_exactly_one_winner() {
             )
             .await;
         assert_eq!(got.body["status"], w.status(), "{}", got.body);
-        expected.push((set(&race_seats(i)), w));
+        expected.push((set_of(&race_seats(i)), w));
     }
 
     let (last, snap) = r1.snapshot(schedule).await;
@@ -475,10 +448,10 @@ async fn confirm_racing_cancel_has_exactly_one_winner() {
 async fn confirm_racing_expiry_has_exactly_one_winner() {
     let db = TestDb::create().await;
     let opts = ReplicaOpts::default().with("HOLD_SECONDS", 1);
-    let (r1, r2) = tokio::join!(Replica::spawn(&db, opts.clone()), Replica::spawn(&db, opts));
-    let n = 40;
+    let (r1, r2) = two_replicas(&db, opts).await;
     let schedule = r1.create_schedule(20, 4, &[]).await;
-    let tokens = join_all((0..n).map(|_| r1.guest())).await;
+    let tokens: [String; 40] = r1.guests().await;
+    let n = tokens.len();
     let started = start_all(&r1, schedule, &tokens).await;
 
     // Each booking is raced at its own offset from expiry, -100..+95 ms,
@@ -517,7 +490,7 @@ async fn confirm_racing_expiry_has_exactly_one_winner() {
             Winner::Expiry => assert!(recv > expires_at, "booking {i} expired early"),
         }
         counts[w as usize] += 1;
-        expected.push((set(&race_seats(i)), w));
+        expected.push((set_of(&race_seats(i)), w));
     }
 
     let latest = results.iter().map(|r| r.2).max().unwrap();
@@ -566,12 +539,12 @@ async fn sweepers_on_three_replicas_release_each_hold_once() {
         Replica::spawn(&db, opts)
     );
     let replicas = [&r1, &r2, &r3];
-    let per_schedule = 30;
     let schedules = [
         r1.create_schedule(15, 4, &[]).await,
         r2.create_schedule(15, 4, &[]).await,
     ];
-    let tokens = join_all((0..per_schedule).map(|_| r1.guest())).await;
+    let tokens: [String; 30] = r1.guests().await;
+    let per_schedule = tokens.len();
 
     // Every user holds two seats on each schedule, spread over the replicas,
     // all at once: they expire together.
@@ -614,7 +587,7 @@ async fn sweepers_on_three_replicas_release_each_hold_once() {
     );
 
     let expected: Vec<(SeatSet, Winner)> = (0..per_schedule)
-        .map(|i| (set(&race_seats(i)), Winner::Expiry))
+        .map(|i| (set_of(&race_seats(i)), Winner::Expiry))
         .collect();
     let mut released = 0;
     for (k, schedule) in schedules.into_iter().enumerate() {

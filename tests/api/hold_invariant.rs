@@ -12,7 +12,7 @@
 //! The tests and PostgreSQL share one machine, so the system clock here is
 //! the database clock that `expiresAt` is measured by.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -26,8 +26,6 @@ const USERS: usize = 4;
 const GRID: i64 = 3;
 const HOLD_SECONDS: i64 = 1;
 const CASES: u32 = 32;
-
-type SeatSet = BTreeSet<(i64, i64)>;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -171,7 +169,7 @@ enum Done {
 struct Ctx {
     r: Replica,
     db: TestDb,
-    tokens: Vec<String>,
+    tokens: [String; USERS],
 }
 
 async fn execute(ctx: &Ctx, model: &Model, schedule: i64, op: &Op) -> Option<Done> {
@@ -656,7 +654,7 @@ fn hold_invariant_over_random_operation_sequences() {
                 .with("SWEEP_INTERVAL_MS", 500),
         )
         .await;
-        let tokens = join_all((0..USERS).map(|_| r.guest())).await;
+        let tokens = r.guests().await;
         Ctx { r, db, tokens }
     });
     let mut runner = TestRunner::new(Config {

@@ -12,10 +12,6 @@ use tokio::sync::mpsc;
 
 use crate::helpers::*;
 
-fn stream_path(schedule: i64) -> String {
-    format!("/api/schedules/{schedule}/seats/stream")
-}
-
 async fn wait_metric(r: &Replica, name: &str, want: f64, timeout: Duration) -> Duration {
     let t = Instant::now();
     wait_for(&format!("{name} == {want}"), timeout, || async {
@@ -190,7 +186,7 @@ async fn tracked_stream(
 async fn sigterm_ends_streams_cleanly_and_clients_resume_elsewhere_missing_nothing() {
     let db = TestDb::create().await;
     let opts = ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1);
-    let (mut a, b) = tokio::join!(Replica::spawn(&db, opts.clone()), Replica::spawn(&db, opts));
+    let (mut a, b) = two_replicas(&db, opts).await;
     let schedule = a.create_schedule(10, 20, &[]).await;
     let mut changes = ChangeScript::new();
     let mut client = SeatMapClient::snapshot_then_stream("client", &a, &a, schedule).await;

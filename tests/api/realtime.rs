@@ -11,14 +11,6 @@ use crate::helpers::*;
 /// Upper bound the brief sets for a change to reach a subscriber.
 const MAX_LATENCY: Duration = Duration::from_secs(1);
 
-async fn two_replicas(db: &TestDb, opts: ReplicaOpts) -> (Replica, Replica) {
-    tokio::join!(Replica::spawn(db, opts.clone()), Replica::spawn(db, opts))
-}
-
-fn stream_path(schedule: i64) -> String {
-    format!("/api/schedules/{schedule}/seats/stream")
-}
-
 fn event(id: i64, action: &str, seats: &[(i64, i64)]) -> SseFrame {
     let mut seats = seats.to_vec();
     seats.sort();

@@ -1,7 +1,6 @@
 //! A database of its own per test, and what tests read from it directly:
 //! table invariants, the seat-event log, deadlock counts.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -9,7 +8,7 @@ use serde_json::Value;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::{seat_set, wait_for, Replica};
+use super::{seat_set, wait_for, Replica, SeatSet};
 
 fn admin_url() -> String {
     std::env::var("SEATSYNC_TEST_DATABASE_URL")
@@ -46,7 +45,7 @@ fn to_url(cfg: &tokio_postgres::Config) -> String {
 pub struct LoggedEvent {
     pub id: i64,
     pub action: String,
-    pub seats: BTreeSet<(i64, i64)>,
+    pub seats: SeatSet,
 }
 
 /// A database of its own for one test, dropped when the test ends.

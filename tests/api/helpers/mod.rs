@@ -36,8 +36,16 @@ where
     }
 }
 
+/// Seats as (row, col), in an order of their own: requests and answers
+/// may list them in any order.
+pub type SeatSet = BTreeSet<(i64, i64)>;
+
+pub fn set_of(seats: &[(i64, i64)]) -> SeatSet {
+    seats.iter().copied().collect()
+}
+
 /// A JSON seat list as a set of (row, col).
-pub fn seat_set(v: &Value) -> BTreeSet<(i64, i64)> {
+pub fn seat_set(v: &Value) -> SeatSet {
     v.as_array()
         .unwrap_or_else(|| panic!("not a seat list: {v}"))
         .iter()

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures::future::join_all;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -26,6 +27,11 @@ impl ReplicaOpts {
         self.env.insert(key.into(), value.to_string());
         self
     }
+}
+
+/// Two replicas with the same settings on `db`, started together.
+pub async fn two_replicas(db: &TestDb, opts: ReplicaOpts) -> (Replica, Replica) {
+    tokio::join!(Replica::spawn(db, opts.clone()), Replica::spawn(db, opts))
 }
 
 /// The seat stream of a schedule.
@@ -172,6 +178,12 @@ impl Replica {
         let r = self.post("/api/auth/guest", None, None).await;
         assert_eq!(r.status, 201, "{:?}", r.body);
         r.body["token"].as_str().expect("token").to_owned()
+    }
+
+    /// `N` guest tokens, fetched at once.
+    pub async fn guests<const N: usize>(&self) -> [String; N] {
+        let tokens = join_all((0..N).map(|_| self.guest())).await;
+        tokens.try_into().expect("N tokens")
     }
 
     pub async fn create_schedule(&self, rows: i64, cols: i64, blocked: &[(i64, i64)]) -> i64 {
