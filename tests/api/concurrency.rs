@@ -68,8 +68,7 @@ fn assert_no_server_error(what: &str, resp: &ApiResponse) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_starts_on_two_replicas_never_double_book() {
-    let db = TestDb::create().await;
-    let (a, b) = two_replicas(&db, ReplicaOpts::default()).await;
+    let (db, a, b) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
     let replicas = [a, b];
     let schedule = replicas[0].create_schedule(ROWS, COLS, &[]).await;
     let tokens: [String; 240] = replicas[0].guests().await;
@@ -273,8 +272,7 @@ async fn user_session(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_confirms_and_cancels_interleaved_keep_the_invariant() {
-    let db = TestDb::create().await;
-    let (a, b) = two_replicas(&db, ReplicaOpts::default()).await;
+    let (db, a, b) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
     let replicas = [a, b];
     let schedule = replicas[0].create_schedule(ROWS, COLS, &[]).await;
     let tokens: [String; 120] = replicas[0].guests().await;
@@ -465,30 +463,17 @@ async fn a_storm_of_starts_takes_over_expired_unswept_holds_without_409s() {
             .collect();
         let short = &short;
         async move {
-            let resp = short.start(t, schedule, &seats).await;
-            assert_eq!(resp.status, 201, "{}", resp.body);
+            let resp = short.hold(t, schedule, &seats).await;
             (resp.booking_id(), seats.into_iter().collect::<SeatSet>())
         }
     }))
     .await;
     let (_, full) = short.snapshot(schedule).await;
     assert_eq!(full.len() as i64, ROWS * COLS);
-    let c = db.client().await;
     wait_for(
         "the fill holds to expire",
         Duration::from_secs(5),
-        || async {
-            let overdue: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING' \
-                 AND expires_at <= clock_timestamp()",
-                    &[&schedule],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (overdue == old.len() as i64).then_some(())
-        },
+        || async { (db.overdue_holds(schedule).await == old.len() as i64).then_some(()) },
     )
     .await;
 

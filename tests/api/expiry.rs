@@ -33,23 +33,16 @@ async fn next_seat_event(sse: &mut SseClient, timeout: Duration) -> (i64, String
     }
 }
 
-/// Bookings of `schedule` still `PENDING` in the table (swept or not).
-async fn pending_rows(db: &TestDb, schedule: i64) -> i64 {
-    db.client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING'",
-            &[&schedule],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Waits until the table holds no `PENDING` booking of `schedule`.
 async fn wait_all_settled(db: &TestDb, schedule: i64, timeout: Duration) {
     wait_for("every hold of the schedule settled", timeout, || async {
-        (pending_rows(db, schedule).await == 0).then_some(())
+        let pending = db
+            .count(
+                "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING'",
+                &[&schedule],
+            )
+            .await;
+        (pending == 0).then_some(())
     })
     .await;
 }
@@ -71,8 +64,7 @@ async fn booking_row(db: &TestDb, id: &str) -> (String, DateTime<Utc>, DateTime<
 
 #[tokio::test]
 async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default().with("HOLD_SECONDS", 1)).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default().with("HOLD_SECONDS", 1)).await;
     let schedule = r.create_schedule(3, 3, &[]).await;
     let mut sse = r.subscribe(schedule, None).await;
     let token = r.guest().await;
@@ -116,7 +108,7 @@ async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
     );
     assert!(released_at <= expires_at + RELEASE_WITHIN);
 
-    let got = r.get(&format!("/api/bookings/{id}"), Some(&token)).await;
+    let got = r.booking(&token, &id).await;
     assert_eq!(got.status, 200, "{}", got.body);
     assert_eq!(got.body["status"], "EXPIRED");
     r.confirm(&token, &id)
@@ -180,21 +172,12 @@ async fn expired_but_unswept_hold_never_blocks() {
     let latest = expires.iter().max().copied().unwrap();
     db.wait_clock_past(latest).await;
     // All five are past expiry by the database clock and still unswept.
-    let overdue: i64 = db
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING' \
-             AND expires_at <= clock_timestamp()",
-            &[&schedule],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(overdue, 5, "the holds must be expired but not yet swept");
-    let got = r
-        .get(&format!("/api/bookings/{}", a.booking_id()), Some(&alice))
-        .await;
+    assert_eq!(
+        db.overdue_holds(schedule).await,
+        5,
+        "the holds must be expired but not yet swept"
+    );
+    let got = r.booking(&alice, &a.booking_id()).await;
     assert_eq!(got.body["status"], "EXPIRED", "{}", got.body);
 
     // Another user takes an overlapping set: 201, and the old hold's
@@ -214,8 +197,7 @@ async fn expired_but_unswept_hold_never_blocks() {
         .assert_problem(410, "booking_expired");
 
     // The same user starts again on the schedule: no booking_in_progress.
-    let c2 = r.start(&carol, schedule, &[(2, 2)]).await;
-    assert_eq!(c2.status, 201, "{}", c2.body);
+    r.hold(&carol, schedule, &[(2, 2)]).await;
     assert_eq!(
         next_seat_event(&mut sse, Duration::from_secs(5)).await,
         (8, "RELEASED".to_owned(), set_of(&[(2, 1)]))
@@ -276,9 +258,7 @@ async fn expired_but_unswept_hold_never_blocks() {
         (&e, &erin),
         (&f, &frank),
     ] {
-        let got = r
-            .get(&format!("/api/bookings/{}", resp.booking_id()), Some(token))
-            .await;
+        let got = r.booking(token, &resp.booking_id()).await;
         assert_eq!(got.body["status"], "EXPIRED", "{}", got.body);
         assert_eq!(booking_row(&db, &resp.booking_id()).await.0, "EXPIRED");
     }
@@ -389,8 +369,7 @@ async fn start_all(r: &Replica, schedule: i64, tokens: &[String]) -> Vec<ApiResp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirm_racing_cancel_has_exactly_one_winner() {
-    let db = TestDb::create().await;
-    let (r1, r2) = two_replicas(&db, ReplicaOpts::default()).await;
+    let (db, r1, r2) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
     let schedule = r1.create_schedule(20, 4, &[]).await;
     let tokens: [String; 40] = r1.guests().await;
     let n = tokens.len();
@@ -411,12 +390,7 @@ async fn confirm_racing_cancel_has_exactly_one_winner() {
     for (i, (confirm, cancel)) in results.iter().enumerate() {
         let w = winner(confirm, Some(cancel));
         assert_ne!(w, Winner::Expiry, "a 300 s hold cannot expire here");
-        let got = r2
-            .get(
-                &format!("/api/bookings/{}", started[i].booking_id()),
-                Some(&tokens[i]),
-            )
-            .await;
+        let got = r2.booking(&tokens[i], &started[i].booking_id()).await;
         assert_eq!(got.body["status"], w.status(), "{}", got.body);
         expected.push((set_of(&race_seats(i)), w));
     }
@@ -446,9 +420,8 @@ async fn confirm_racing_cancel_has_exactly_one_winner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirm_racing_expiry_has_exactly_one_winner() {
-    let db = TestDb::create().await;
     let opts = ReplicaOpts::default().with("HOLD_SECONDS", 1);
-    let (r1, r2) = two_replicas(&db, opts).await;
+    let (db, r1, r2) = TestDb::with_two_replicas(opts).await;
     let schedule = r1.create_schedule(20, 4, &[]).await;
     let tokens: [String; 40] = r1.guests().await;
     let n = tokens.len();
@@ -499,12 +472,7 @@ async fn confirm_racing_expiry_has_exactly_one_winner() {
         .unwrap_or_default();
     wait_all_settled(&db, schedule, left + Duration::from_millis(500)).await;
     for (i, s) in started.iter().enumerate() {
-        let got = r2
-            .get(
-                &format!("/api/bookings/{}", s.booking_id()),
-                Some(&tokens[i]),
-            )
-            .await;
+        let got = r2.booking(&tokens[i], &s.booking_id()).await;
         assert_eq!(got.body["status"], expected[i].1.status(), "{}", got.body);
     }
     let (last, snap) = r1.snapshot(schedule).await;
@@ -662,8 +630,7 @@ async fn takeover_racing_a_sweep_does_not_deadlock() {
     );
     let mut old = Vec::new();
     for (token, seat) in [(&p, (1, 1)), (&q, (1, 2))] {
-        let b = short.start(token, schedule, &[seat]).await;
-        assert_eq!(b.status, 201, "{}", b.body);
+        let b = short.hold(token, schedule, &[seat]).await;
         let id: uuid::Uuid = b.booking_id().parse().unwrap();
         old.push((id, seat, timestamp(&b.body["expiresAt"])));
     }

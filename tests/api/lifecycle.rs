@@ -23,8 +23,7 @@ async fn wait_metric(r: &Replica, name: &str, want: f64, timeout: Duration) -> D
 
 #[tokio::test]
 async fn closed_clients_free_their_stream_and_channel() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1)).await;
+    let (_db, r) = TestDb::with_replica(ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1)).await;
     let s1 = r.create_schedule(10, 20, &[]).await;
     let s2 = r.create_schedule(10, 20, &[]).await;
     let base = r.metric("seatsync_sse_connections").await;
@@ -184,9 +183,8 @@ async fn tracked_stream(
 
 #[tokio::test]
 async fn sigterm_ends_streams_cleanly_and_clients_resume_elsewhere_missing_nothing() {
-    let db = TestDb::create().await;
     let opts = ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1);
-    let (mut a, b) = two_replicas(&db, opts).await;
+    let (db, mut a, b) = TestDb::with_two_replicas(opts).await;
     let schedule = a.create_schedule(10, 20, &[]).await;
     let mut changes = ChangeScript::new();
     let mut client = SeatMapClient::snapshot_then_stream("client", &a, &a, schedule).await;
@@ -400,8 +398,7 @@ async fn big_step(r: &Replica, token: &str, schedule: i64, half: i64) {
     let seats: Vec<(i64, i64)> = (1..=5)
         .flat_map(|row| (1..=10).map(move |col| (row + 5 * half, col)))
         .collect();
-    let resp = r.start(token, schedule, &seats).await;
-    assert_eq!(resp.status, 201, "{}", resp.body);
+    let resp = r.hold(token, schedule, &seats).await;
     assert_eq!(r.cancel(token, &resp.booking_id()).await.status, 200);
 }
 

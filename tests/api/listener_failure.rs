@@ -127,9 +127,8 @@ async fn wait_ready_status(r: &Replica, want: u16, timeout: Duration) -> Duratio
 
 #[tokio::test]
 async fn listener_terminated_repeatedly_clients_converge_and_readiness_recovers() {
-    let db = TestDb::create().await;
     let opts = ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1);
-    let (a, b) = two_replicas(&db, opts).await;
+    let (db, a, b) = TestDb::with_two_replicas(opts).await;
     let schedule = a.create_schedule(10, 20, &[]).await;
     let pg = db.client().await;
     let mut changes = ChangeScript::new();

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::{seat_set, wait_for, Replica, SeatSet};
+use super::{seat_set, wait_for, Replica, ReplicaOpts, SeatSet};
 
 fn admin_url() -> String {
     std::env::var("SEATSYNC_TEST_DATABASE_URL")
@@ -53,6 +53,9 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     admin: String,
+    /// For the reads below; tests that need a session of their own (locks,
+    /// transactions) take one from [`TestDb::client`].
+    shared: tokio::sync::OnceCell<tokio_postgres::Client>,
 }
 
 impl TestDb {
@@ -67,7 +70,27 @@ impl TestDb {
         let mut cfg: tokio_postgres::Config = admin.parse().expect("admin url");
         cfg.dbname(&name);
         let url = to_url(&cfg);
-        TestDb { name, url, admin }
+        TestDb {
+            name,
+            url,
+            admin,
+            shared: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// A fresh database with one replica on it: where most tests start.
+    pub async fn with_replica(opts: ReplicaOpts) -> (TestDb, Replica) {
+        let db = TestDb::create().await;
+        let r = Replica::spawn(&db, opts).await;
+        (db, r)
+    }
+
+    /// A fresh database with two replicas of the same settings, started
+    /// together.
+    pub async fn with_two_replicas(opts: ReplicaOpts) -> (TestDb, Replica, Replica) {
+        let db = TestDb::create().await;
+        let (a, b) = tokio::join!(Replica::spawn(&db, opts.clone()), Replica::spawn(&db, opts));
+        (db, a, b)
     }
 
     /// A client on the test database (for assertions and fault injection).
@@ -75,9 +98,34 @@ impl TestDb {
         admin_client(&self.url).await
     }
 
+    async fn shared(&self) -> &tokio_postgres::Client {
+        self.shared.get_or_init(|| self.client()).await
+    }
+
+    /// The single integer `sql` selects, such as a `count(*)`.
+    pub async fn count(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> i64 {
+        self.shared()
+            .await
+            .query_one(sql, params)
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// `PENDING` holds of `schedule` past their expiry by the database
+    /// clock: expired, and not released yet.
+    pub async fn overdue_holds(&self, schedule: i64) -> i64 {
+        self.count(
+            "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING' \
+             AND expires_at <= clock_timestamp()",
+            &[&schedule],
+        )
+        .await
+    }
+
     /// Waits until the database clock, which holds expire by, is past `t`.
     pub async fn wait_clock_past(&self, t: DateTime<Utc>) {
-        let c = self.client().await;
+        let c = self.shared().await;
         let left = (t - Utc::now()).to_std().unwrap_or_default();
         wait_for(
             &format!("the database clock to pass {t}"),
@@ -97,33 +145,32 @@ impl TestDb {
     /// Seats held by more than one booking (must always be 0) — checked
     /// directly in the tables, not through the API.
     pub async fn assert_consistent(&self) {
-        let c = self.client().await;
-        let dup = query_i64(
-            &c,
-            "SELECT count(*) FROM (SELECT schedule_id, row_num, col_num FROM schedule_seat_status \
-             GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
-            &[],
-        )
-        .await;
+        let dup = self
+            .count(
+                "SELECT count(*) FROM (SELECT schedule_id, row_num, col_num FROM schedule_seat_status \
+                 GROUP BY 1, 2, 3 HAVING count(*) > 1) d",
+                &[],
+            )
+            .await;
         assert_eq!(dup, 0, "a seat is held twice");
         // Every seat row belongs to a live booking of the same schedule.
-        let orphans = query_i64(
-            &c,
-            "SELECT count(*) FROM schedule_seat_status st JOIN bookings b ON b.id = st.booking_id \
-             WHERE b.status NOT IN ('PENDING', 'CONFIRMED') OR b.schedule_id <> st.schedule_id \
-             OR (b.status = 'CONFIRMED') <> (st.status = 'CONFIRMED')",
-            &[],
-        )
-        .await;
+        let orphans = self
+            .count(
+                "SELECT count(*) FROM schedule_seat_status st JOIN bookings b ON b.id = st.booking_id \
+                 WHERE b.status NOT IN ('PENDING', 'CONFIRMED') OR b.schedule_id <> st.schedule_id \
+                 OR (b.status = 'CONFIRMED') <> (st.status = 'CONFIRMED')",
+                &[],
+            )
+            .await;
         assert_eq!(orphans, 0, "seat rows disagree with their bookings");
         // Every live booking holds exactly its seats.
-        let mismatched = query_i64(
-            &c,
-            "SELECT count(*) FROM bookings b WHERE b.status IN ('PENDING', 'CONFIRMED') AND \
-             jsonb_array_length(b.seats) <> (SELECT count(*) FROM schedule_seat_status st WHERE st.booking_id = b.id)",
-            &[],
-        )
-        .await;
+        let mismatched = self
+            .count(
+                "SELECT count(*) FROM bookings b WHERE b.status IN ('PENDING', 'CONFIRMED') AND \
+                 jsonb_array_length(b.seats) <> (SELECT count(*) FROM schedule_seat_status st WHERE st.booking_id = b.id)",
+                &[],
+            )
+            .await;
         assert_eq!(
             mismatched, 0,
             "a live booking does not hold exactly its seats"
@@ -132,8 +179,9 @@ impl TestDb {
 
     /// The `seat_events` rows of a schedule in id order, read from the table.
     pub async fn logged_seat_events(&self, schedule: i64) -> Vec<LoggedEvent> {
-        let c = self.client().await;
-        let rows = c
+        let rows = self
+            .shared()
+            .await
             .query(
                 "SELECT event_id, action, seats FROM seat_events WHERE schedule_id = $1 ORDER BY event_id",
                 &[&schedule],
@@ -156,24 +204,22 @@ impl TestDb {
         for mut r in replicas {
             r.kill().await;
         }
-        let c = self.client().await;
         wait_for(
             "the replicas' connections to close",
             Duration::from_secs(10),
             || async {
-                let n = query_i64(
-                    &c,
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                     AND application_name = 'seatsync'",
-                    &[],
-                )
-                .await;
+                let n = self
+                    .count(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                         AND application_name = 'seatsync'",
+                        &[],
+                    )
+                    .await;
                 (n == 0).then_some(())
             },
         )
         .await;
-        query_i64(
-            &c,
+        self.count(
             "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
             &[],
         )
@@ -205,13 +251,4 @@ impl Drop for TestDb {
         })
         .join();
     }
-}
-
-/// The single integer `sql` selects, such as a `count(*)`.
-pub async fn query_i64(
-    c: &tokio_postgres::Client,
-    sql: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> i64 {
-    c.query_one(sql, params).await.unwrap().get(0)
 }

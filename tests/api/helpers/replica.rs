@@ -29,11 +29,6 @@ impl ReplicaOpts {
     }
 }
 
-/// Two replicas with the same settings on `db`, started together.
-pub async fn two_replicas(db: &TestDb, opts: ReplicaOpts) -> (Replica, Replica) {
-    tokio::join!(Replica::spawn(db, opts.clone()), Replica::spawn(db, opts))
-}
-
 /// The seat stream of a schedule.
 pub fn stream_path(schedule: i64) -> String {
     format!("/api/schedules/{schedule}/seats/stream")
@@ -214,6 +209,13 @@ impl Replica {
         .await
     }
 
+    /// A start that must be granted: the 201 answer.
+    pub async fn hold(&self, token: &str, schedule: i64, seats: &[(i64, i64)]) -> ApiResponse {
+        let resp = self.start(token, schedule, seats).await;
+        assert_eq!(resp.status, 201, "{}", resp.body);
+        resp
+    }
+
     pub async fn start_with_key(
         &self,
         token: &str,
@@ -229,6 +231,12 @@ impl Replica {
             &[("Idempotency-Key", key)],
         )
         .await
+    }
+
+    /// The booking as `token`'s user sees it.
+    pub async fn booking(&self, token: &str, booking: impl std::fmt::Display) -> ApiResponse {
+        self.get(&format!("/api/bookings/{booking}"), Some(token))
+            .await
     }
 
     pub async fn confirm(&self, token: &str, booking: &str) -> ApiResponse {
