@@ -57,6 +57,24 @@ async fn timed_start(
     }
 }
 
+/// Two replicas on a fresh database, and a schedule of the small grid.
+async fn two_replicas_and_a_schedule() -> (TestDb, [Replica; 2], i64) {
+    let (db, a, b) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
+    let schedule = a.create_schedule(ROWS, COLS, &[]).await;
+    (db, [a, b], schedule)
+}
+
+/// The seats a `seats_taken` answer names: at least one, all requested.
+fn taken_seats(a: &Attempt) -> SeatSet {
+    let taken = seat_set(&a.resp.body["seats"]);
+    assert!(
+        !taken.is_empty() && taken.is_subset(&a.requested),
+        "{}",
+        a.resp.body
+    );
+    taken
+}
+
 fn assert_no_server_error(what: &str, resp: &ApiResponse) {
     assert!(
         resp.status < 500,
@@ -68,9 +86,7 @@ fn assert_no_server_error(what: &str, resp: &ApiResponse) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_starts_on_two_replicas_never_double_book() {
-    let (db, a, b) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
-    let replicas = [a, b];
-    let schedule = replicas[0].create_schedule(ROWS, COLS, &[]).await;
+    let (db, replicas, schedule) = two_replicas_and_a_schedule().await;
     let tokens: [String; 240] = replicas[0].guests().await;
     let users = tokens.len();
 
@@ -272,9 +288,7 @@ async fn user_session(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_confirms_and_cancels_interleaved_keep_the_invariant() {
-    let (db, a, b) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
-    let replicas = [a, b];
-    let schedule = replicas[0].create_schedule(ROWS, COLS, &[]).await;
+    let (db, replicas, schedule) = two_replicas_and_a_schedule().await;
     let tokens: [String; 120] = replicas[0].guests().await;
     let users = tokens.len();
     let rounds = 6;
@@ -375,13 +389,7 @@ async fn starts_confirms_and_cancels_interleaved_keep_the_invariant() {
     // Every seat named in a seats_taken was held, at some instant of that
     // request, by a booking whose start succeeded.
     for a in &refusals {
-        let taken = seat_set(&a.resp.body["seats"]);
-        assert!(
-            !taken.is_empty() && taken.is_subset(&a.requested),
-            "{}",
-            a.resp.body
-        );
-        for seat in &taken {
+        for seat in &taken_seats(a) {
             let plausible = holds.values().any(|h| {
                 h.seats.contains(seat)
                     && h.start_sent < a.recv
@@ -506,13 +514,7 @@ async fn a_storm_of_starts_takes_over_expired_unswept_holds_without_409s() {
     // An expired hold never causes a 409: every seat named taken is held
     // by a storm booking that asked before the answer came.
     for a in attempts.iter().filter(|a| a.resp.status == 409) {
-        let taken = seat_set(&a.resp.body["seats"]);
-        assert!(
-            !taken.is_empty() && taken.is_subset(&a.requested),
-            "{}",
-            a.resp.body
-        );
-        for seat in &taken {
+        for seat in &taken_seats(a) {
             let holder = holder_of.get(seat).unwrap_or_else(|| {
                 panic!(
                     "{seat:?} reported taken but only an expired hold had it: {}",

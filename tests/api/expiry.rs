@@ -26,6 +26,14 @@ async fn sleep_until(t: DateTime<Utc>) {
     }
 }
 
+/// Asserts that the next frame (within 5 s) is this seat event.
+async fn assert_next_event(sse: &mut SseClient, id: i64, action: &str, seats: &[(i64, i64)]) {
+    assert_eq!(
+        next_seat_event(sse, Duration::from_secs(5)).await,
+        (id, action.to_owned(), set_of(seats))
+    );
+}
+
 async fn next_seat_event(sse: &mut SseClient, timeout: Duration) -> (i64, String, SeatSet) {
     match sse.next_event(timeout).await {
         Some(SseFrame::Event { id, action, seats }) => (id, action, seats.into_iter().collect()),
@@ -35,15 +43,13 @@ async fn next_seat_event(sse: &mut SseClient, timeout: Duration) -> (i64, String
 
 /// Waits until the table holds no `PENDING` booking of `schedule`.
 async fn wait_all_settled(db: &TestDb, schedule: i64, timeout: Duration) {
-    wait_for("every hold of the schedule settled", timeout, || async {
-        let pending = db
-            .count(
-                "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING'",
-                &[&schedule],
-            )
-            .await;
-        (pending == 0).then_some(())
-    })
+    db.wait_count(
+        "every hold of the schedule settled",
+        timeout,
+        "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING'",
+        &[&schedule],
+        0,
+    )
     .await;
 }
 
@@ -81,10 +87,7 @@ async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
         before + hold - slack <= expires_at && expires_at <= after + hold + slack,
         "expiresAt {expires_at} is not HOLD_SECONDS after the start ({before}..{after})"
     );
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (1, "OCCUPIED".to_owned(), set_of(&[(1, 1), (1, 2)]))
-    );
+    assert_next_event(&mut sse, 1, "OCCUPIED", &[(1, 1), (1, 2)]).await;
 
     // The RELEASED event arrives no earlier than expiry and within 2 s of it.
     let (eid, action, seats) = next_seat_event(&mut sse, Duration::from_secs(10)).await;
@@ -136,11 +139,9 @@ async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
 
 #[tokio::test]
 async fn expired_but_unswept_hold_never_blocks() {
-    let db = TestDb::create().await;
     // The sweeper runs once at start-up and then not for a minute: every
     // expired hold below is released only by the request that meets it.
-    let r = Replica::spawn(
-        &db,
+    let (db, r) = TestDb::with_replica(
         ReplicaOpts::default()
             .with("HOLD_SECONDS", 1)
             .with("SWEEP_INTERVAL_MS", 60_000),
@@ -184,28 +185,16 @@ async fn expired_but_unswept_hold_never_blocks() {
     // RELEASED precedes the new OCCUPIED.
     let b = r.start(&bob, schedule, &[(1, 2), (1, 3)]).await;
     assert_eq!(b.status, 201, "an expired hold caused {}", b.body);
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (6, "RELEASED".to_owned(), set_of(&[(1, 1), (1, 2)]))
-    );
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (7, "OCCUPIED".to_owned(), set_of(&[(1, 2), (1, 3)]))
-    );
+    assert_next_event(&mut sse, 6, "RELEASED", &[(1, 1), (1, 2)]).await;
+    assert_next_event(&mut sse, 7, "OCCUPIED", &[(1, 2), (1, 3)]).await;
     r.confirm(&alice, &a.booking_id())
         .await
         .assert_problem(410, "booking_expired");
 
     // The same user starts again on the schedule: no booking_in_progress.
     r.hold(&carol, schedule, &[(2, 2)]).await;
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (8, "RELEASED".to_owned(), set_of(&[(2, 1)]))
-    );
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (9, "OCCUPIED".to_owned(), set_of(&[(2, 2)]))
-    );
+    assert_next_event(&mut sse, 8, "RELEASED", &[(2, 1)]).await;
+    assert_next_event(&mut sse, 9, "OCCUPIED", &[(2, 2)]).await;
 
     // The Idempotency-Key of an expired booking is free again: the same key
     // and body make a new booking, which the key then names.
@@ -220,14 +209,8 @@ async fn expired_but_unswept_hold_never_blocks() {
     );
     assert_eq!(d2.body["status"], "PENDING");
     assert!(timestamp(&d2.body["expiresAt"]) > Utc::now());
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (10, "RELEASED".to_owned(), set_of(&[(3, 1), (3, 2)]))
-    );
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (11, "OCCUPIED".to_owned(), set_of(&[(3, 1), (3, 2)]))
-    );
+    assert_next_event(&mut sse, 10, "RELEASED", &[(3, 1), (3, 2)]).await;
+    assert_next_event(&mut sse, 11, "OCCUPIED", &[(3, 1), (3, 2)]).await;
     let again = r
         .start_with_key(&dave, schedule, &[(3, 1), (3, 2)], "dave-key")
         .await;
@@ -239,17 +222,11 @@ async fn expired_but_unswept_hold_never_blocks() {
     r.confirm(&erin, &e.booking_id())
         .await
         .assert_problem(410, "booking_expired");
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (12, "RELEASED".to_owned(), set_of(&[(4, 1)]))
-    );
+    assert_next_event(&mut sse, 12, "RELEASED", &[(4, 1)]).await;
     r.cancel(&frank, &f.booking_id())
         .await
         .assert_problem(410, "booking_expired");
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (13, "RELEASED".to_owned(), set_of(&[(4, 4)]))
-    );
+    assert_next_event(&mut sse, 13, "RELEASED", &[(4, 4)]).await;
 
     for (resp, token) in [
         (&a, &alice),
@@ -353,6 +330,30 @@ fn race_seats(i: usize) -> Vec<(i64, i64)> {
     vec![(row, col), (row, col + 1)]
 }
 
+/// After the races on two replicas: the snapshot (from the first) is at one
+/// OCCUPIED and one terminal event per booking, the stream (from the
+/// second) replays the log exactly, each booking's events name its winner,
+/// and they rebuild the snapshot. The deadlocks, once both are stopped.
+async fn assert_race_events(
+    db: &TestDb,
+    [r1, r2]: [Replica; 2],
+    schedule: i64,
+    expected: &[(SeatSet, Winner)],
+) -> i64 {
+    let (last, snap) = r1.snapshot(schedule).await;
+    assert_eq!(
+        last,
+        2 * expected.len() as i64,
+        "one OCCUPIED and one terminal event per booking"
+    );
+    let events = r2.replay_events(schedule, 0, last).await;
+    assert_eq!(db.logged_seat_events(schedule).await, events);
+    assert_one_terminal_event_each(&events, expected);
+    assert_eq!(replayed_map(&events), snap);
+    db.assert_consistent().await;
+    db.deadlocks_after_shutdown(vec![r1, r2]).await
+}
+
 async fn start_all(r: &Replica, schedule: i64, tokens: &[String]) -> Vec<ApiResponse> {
     let started = join_all(
         tokens
@@ -395,18 +396,7 @@ async fn confirm_racing_cancel_has_exactly_one_winner() {
         expected.push((set_of(&race_seats(i)), w));
     }
 
-    let (last, snap) = r1.snapshot(schedule).await;
-    assert_eq!(
-        last,
-        2 * n as i64,
-        "one OCCUPIED and one terminal event per booking"
-    );
-    let events = r2.replay_events(schedule, 0, last).await;
-    assert_eq!(db.logged_seat_events(schedule).await, events);
-    assert_one_terminal_event_each(&events, &expected);
-    assert_eq!(replayed_map(&events), snap);
-    db.assert_consistent().await;
-    let deadlocks = db.deadlocks_after_shutdown(vec![r1, r2]).await;
+    let deadlocks = assert_race_events(&db, [r1, r2], schedule, &expected).await;
     let confirms = expected
         .iter()
         .filter(|(_, w)| *w == Winner::Confirm)
@@ -475,18 +465,7 @@ async fn confirm_racing_expiry_has_exactly_one_winner() {
         let got = r2.booking(&tokens[i], &s.booking_id()).await;
         assert_eq!(got.body["status"], expected[i].1.status(), "{}", got.body);
     }
-    let (last, snap) = r1.snapshot(schedule).await;
-    assert_eq!(
-        last,
-        2 * n as i64,
-        "one OCCUPIED and one terminal event per booking"
-    );
-    let events = r2.replay_events(schedule, 0, last).await;
-    assert_eq!(db.logged_seat_events(schedule).await, events);
-    assert_one_terminal_event_each(&events, &expected);
-    assert_eq!(replayed_map(&events), snap);
-    db.assert_consistent().await;
-    let deadlocks = db.deadlocks_after_shutdown(vec![r1, r2]).await;
+    let deadlocks = assert_race_events(&db, [r1, r2], schedule, &expected).await;
     println!(
         "expiry (confirm vs cancel vs expiry): {n} races: confirm won {}, cancel won {}, expiry won {}, deadlocks {deadlocks}",
         counts[0], counts[1], counts[2]

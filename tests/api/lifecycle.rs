@@ -74,9 +74,7 @@ async fn closed_clients_free_their_stream_and_channel() {
 
 #[tokio::test]
 async fn connection_cap_refuses_with_503_and_retry_after_then_admits_again() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(
-        &db,
+    let (_db, r) = TestDb::with_replica(
         ReplicaOpts::default()
             .with("SSE_MAX_CONNECTIONS", 2)
             .with("HEARTBEAT_SECONDS", 1),

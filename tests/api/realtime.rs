@@ -282,18 +282,12 @@ async fn resuming_from_before_the_retained_window_resyncs() {
     for _ in 0..3 {
         script.step(&r, schedule).await;
     }
-    wait_for(
+    db.wait_count(
         "events 1..=3 pruned from seat_events",
         Duration::from_secs(10),
-        || async {
-            let n = db
-                .count(
-                    "SELECT count(*) FROM seat_events WHERE schedule_id = $1 AND event_id <= 3",
-                    &[&schedule],
-                )
-                .await;
-            (n == 0).then_some(())
-        },
+        "SELECT count(*) FROM seat_events WHERE schedule_id = $1 AND event_id <= 3",
+        &[&schedule],
+        0,
     )
     .await;
 

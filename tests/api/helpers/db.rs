@@ -112,6 +112,21 @@ impl TestDb {
             .get(0)
     }
 
+    /// Waits until `sql` counts `want`; panics naming `what` at the deadline.
+    pub async fn wait_count(
+        &self,
+        what: &str,
+        timeout: Duration,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        want: i64,
+    ) {
+        wait_for(what, timeout, || async {
+            (self.count(sql, params).await == want).then_some(())
+        })
+        .await;
+    }
+
     /// `PENDING` holds of `schedule` past their expiry by the database
     /// clock: expired, and not released yet.
     pub async fn overdue_holds(&self, schedule: i64) -> i64 {
@@ -204,19 +219,13 @@ impl TestDb {
         for mut r in replicas {
             r.kill().await;
         }
-        wait_for(
+        self.wait_count(
             "the replicas' connections to close",
             Duration::from_secs(10),
-            || async {
-                let n = self
-                    .count(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                         AND application_name = 'seatsync'",
-                        &[],
-                    )
-                    .await;
-                (n == 0).then_some(())
-            },
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'seatsync'",
+            &[],
+            0,
         )
         .await;
         self.count(

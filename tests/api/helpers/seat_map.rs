@@ -57,16 +57,7 @@ impl SeatMapClient {
     ) -> Self {
         let (last, map) = snap.snapshot(schedule).await;
         let sse = streamer.subscribe(schedule, Some(&last.to_string())).await;
-        SeatMapClient {
-            name: name.into(),
-            schedule,
-            sse,
-            map,
-            applied_upto: last,
-            last_id: Some(last),
-            resyncs: 0,
-            events: 0,
-        }
+        Self::new(name, schedule, sse, (last, map), Some(last))
     }
 
     /// The stream first (live, no Last-Event-ID), then the snapshot: events
@@ -78,14 +69,24 @@ impl SeatMapClient {
         schedule: i64,
     ) -> Self {
         let sse = streamer.subscribe(schedule, None).await;
-        let (last, map) = snap.snapshot(schedule).await;
+        let snapshot = snap.snapshot(schedule).await;
+        Self::new(name, schedule, sse, snapshot, None)
+    }
+
+    fn new(
+        name: &str,
+        schedule: i64,
+        sse: SseClient,
+        (last, map): (i64, BTreeMap<(i64, i64), String>),
+        last_id: Option<i64>,
+    ) -> Self {
         SeatMapClient {
             name: name.into(),
             schedule,
             sse,
             map,
             applied_upto: last,
-            last_id: None,
+            last_id,
             resyncs: 0,
             events: 0,
         }
