@@ -1,6 +1,6 @@
-//! Shared test plumbing: per-test databases ([`db`]), replica processes and
-//! the HTTP contract ([`replica`]), an SSE reader ([`sse`]), and seat maps
-//! kept the way the page keeps them ([`seat_map`]).
+//! Shared test plumbing: per-test databases (`db`), replica processes and
+//! the HTTP contract (`replica`), an SSE reader (`sse`), and seat maps
+//! kept the way the page keeps them (`seat_map`).
 
 mod db;
 mod replica;
