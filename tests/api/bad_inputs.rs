@@ -295,12 +295,11 @@ fn seat(s: (i64, i64)) -> Value {
 
 #[tokio::test]
 async fn bad_start_requests_are_refused_and_change_nothing() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let sid = r.create_schedule(ROWS, COLS, &[BLOCKED]).await;
     // Some state worth keeping: a held and a sold booking.
-    let (alice, bob) = (r.guest().await, r.guest().await);
-    assert_eq!(r.start(&alice, sid, &[(1, 1), (1, 2)]).await.status, 201);
+    let [alice, bob] = r.guests().await;
+    r.hold(&alice, sid, &[(1, 1), (1, 2)]).await;
     let b = r.start(&bob, sid, &[(3, 3)]).await;
     assert_eq!(r.confirm(&bob, &b.booking_id()).await.status, 200);
     let token = r.guest().await;
@@ -513,8 +512,7 @@ async fn bad_start_requests_are_refused_and_change_nothing() {
 
 #[tokio::test]
 async fn bad_schedule_requests_are_refused_and_create_nothing() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let guest = r.guest().await;
     let good = json!({"title": "Show", "startsAt": "2026-12-24T19:30:00Z", "rows": 10, "cols": 20,
                       "blocked": [{"row": 1, "col": 1}]});
@@ -653,12 +651,10 @@ async fn bad_schedule_requests_are_refused_and_create_nothing() {
 
 #[tokio::test]
 async fn bad_path_ids_are_invalid_requests() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let sid = r.create_schedule(2, 2, &[]).await;
     let token = r.guest().await;
-    let b = r.start(&token, sid, &[(1, 1)]).await;
-    assert_eq!(b.status, 201);
+    let b = r.hold(&token, sid, &[(1, 1)]).await;
     let id = b.booking_id();
 
     let at = |method: Method, path: String| Case {
@@ -708,11 +704,6 @@ async fn bad_path_ids_are_invalid_requests() {
     )
     .await;
     // The booking itself is untouched.
-    assert_eq!(
-        r.get(&format!("/api/bookings/{id}"), Some(&token))
-            .await
-            .body["status"],
-        "PENDING"
-    );
+    assert_eq!(r.booking(&token, &id).await.body["status"], "PENDING");
     db.assert_consistent().await;
 }

@@ -1,7 +1,7 @@
 //! Every endpoint of the contract and every status and code it names, over
 //! real HTTP against a real replica and a real database.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,32 +11,13 @@ use uuid::Uuid;
 
 use crate::helpers::*;
 
-/// The seats of a response or event as a set of (row, col).
-fn seat_set(v: &Value) -> BTreeSet<(i64, i64)> {
-    v.as_array()
-        .unwrap_or_else(|| panic!("seats is not a list: {v}"))
-        .iter()
-        .map(|s| {
-            (
-                s["row"].as_i64().expect("row"),
-                s["col"].as_i64().expect("col"),
-            )
-        })
-        .collect()
-}
-
-fn set(seats: &[(i64, i64)]) -> BTreeSet<(i64, i64)> {
-    seats.iter().copied().collect()
-}
-
+/// A time the contract promises in UTC, written with a Z.
 fn time(v: &Value) -> DateTime<Utc> {
     let s = v
         .as_str()
         .unwrap_or_else(|| panic!("not a time string: {v}"));
     assert!(s.ends_with('Z'), "times are UTC with a Z: {s}");
-    DateTime::parse_from_rfc3339(s)
-        .unwrap_or_else(|e| panic!("not RFC 3339: {s}: {e}"))
-        .with_timezone(&Utc)
+    timestamp(v)
 }
 
 /// A UUID in the lowercase hyphenated form the contract promises.
@@ -53,18 +34,13 @@ fn snapshot_map(seats: &[((i64, i64), &str)]) -> BTreeMap<(i64, i64), String> {
 
 /// Rows in the bookings table: refused requests must write none.
 async fn booking_rows(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one("SELECT count(*) FROM bookings", &[])
-        .await
-        .unwrap()
-        .get(0)
+    db.count("SELECT count(*) FROM bookings", &[]).await
 }
 
 #[tokio::test]
 async fn guest_tokens_are_issued_and_work_on_every_replica() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default().with("TOKEN_TTL_SECONDS", 3600)).await;
+    let (db, r) =
+        TestDb::with_replica(ReplicaOpts::default().with("TOKEN_TTL_SECONDS", 3600)).await;
     let other = Replica::spawn(&db, ReplicaOpts::default()).await;
 
     let before = Utc::now();
@@ -101,10 +77,9 @@ async fn guest_tokens_are_issued_and_work_on_every_replica() {
 
     // The token works on the booking endpoints, on this replica and another.
     let schedule = r.create_schedule(3, 3, &[]).await;
-    let b = other.start(&token, schedule, &[(1, 1)]).await;
-    assert_eq!(b.status, 201, "{}", b.body);
+    let b = other.hold(&token, schedule, &[(1, 1)]).await;
     let id = b.booking_id();
-    let got = r.get(&format!("/api/bookings/{id}"), Some(&token)).await;
+    let got = r.booking(&token, &id).await;
     assert_eq!(got.status, 200, "{}", got.body);
     assert_eq!(got.body, b.body);
     // ... and speaks for its own user only.
@@ -120,8 +95,7 @@ async fn guest_tokens_are_issued_and_work_on_every_replica() {
 
 #[tokio::test]
 async fn guest_tokens_can_be_turned_off() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default().with("AUTH_GUEST", "false")).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default().with("AUTH_GUEST", "false")).await;
     let g = r.post("/api/auth/guest", None, None).await;
     g.assert_problem(403, "forbidden");
     assert!(g.body.get("token").is_none(), "{}", g.body);
@@ -129,15 +103,13 @@ async fn guest_tokens_can_be_turned_off() {
     let issuer = Replica::spawn(&db, ReplicaOpts::default()).await;
     let token = issuer.guest().await;
     let schedule = r.create_schedule(2, 2, &[]).await;
-    let b = r.start(&token, schedule, &[(2, 2)]).await;
-    assert_eq!(b.status, 201, "{}", b.body);
+    r.hold(&token, schedule, &[(2, 2)]).await;
     db.assert_consistent().await;
 }
 
 #[tokio::test]
 async fn schedules_are_created_by_the_admin_and_read_by_anyone() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     // Sub-microsecond digits: more precision than the database keeps.
     let body = json!({"title": "  Swan Lake  ", "startsAt": "2026-12-24T20:30:00.123456789+01:00",
                       "rows": 10, "cols": 20, "blocked": [{"row": 1, "col": 1}, {"row": 10, "col": 20}]});
@@ -178,7 +150,7 @@ async fn schedules_are_created_by_the_admin_and_read_by_anyone() {
     assert_eq!(s["startsAt"], "2026-12-24T19:30:00.123456Z");
     assert_eq!(s["rows"], 10);
     assert_eq!(s["cols"], 20);
-    assert_eq!(seat_set(&s["blocked"]), set(&[(1, 1), (10, 20)]));
+    assert_eq!(seat_set(&s["blocked"]), set_of(&[(1, 1), (10, 20)]));
     assert_eq!(s["maxSeatsPerBooking"], 4);
     assert_eq!(s["holdSeconds"], 300);
 
@@ -226,8 +198,7 @@ async fn schedules_are_created_by_the_admin_and_read_by_anyone() {
 
 #[tokio::test]
 async fn seat_status_lists_held_then_sold_seats() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(4, 4, &[(4, 4)]).await;
 
     let raw = r
@@ -240,10 +211,8 @@ async fn seat_status_lists_held_then_sold_seats() {
         "blocked seats are not listed; lastEventId is the string \"0\" at start"
     );
 
-    let alice = r.guest().await;
-    let bob = r.guest().await;
-    let a = r.start(&alice, schedule, &[(1, 1), (1, 2)]).await;
-    assert_eq!(a.status, 201, "{}", a.body);
+    let [alice, bob] = r.guests().await;
+    let a = r.hold(&alice, schedule, &[(1, 1), (1, 2)]).await;
     assert_eq!(
         r.snapshot(schedule).await,
         (
@@ -254,8 +223,7 @@ async fn seat_status_lists_held_then_sold_seats() {
     db.assert_consistent().await;
 
     assert_eq!(r.confirm(&alice, &a.booking_id()).await.status, 200);
-    let b = r.start(&bob, schedule, &[(2, 3)]).await;
-    assert_eq!(b.status, 201, "{}", b.body);
+    let b = r.hold(&bob, schedule, &[(2, 3)]).await;
     assert_eq!(
         r.snapshot(schedule).await,
         (
@@ -285,8 +253,7 @@ async fn seat_status_lists_held_then_sold_seats() {
 
 #[tokio::test]
 async fn start_holds_every_seat_in_one_event() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(5, 5, &[]).await;
     let token = r.guest().await;
 
@@ -299,7 +266,7 @@ async fn start_holds_every_seat_in_one_event() {
     let id = assert_lower_uuid(&b.body["bookingId"]);
     assert_eq!(b.body["scheduleId"], schedule);
     assert_eq!(b.body["status"], "PENDING");
-    assert_eq!(seat_set(&b.body["seats"]), set(&seats));
+    assert_eq!(seat_set(&b.body["seats"]), set_of(&seats));
     assert_eq!(b.body["seats"].as_array().unwrap().len(), 4);
     let expires = time(&b.body["expiresAt"]);
     let hold = chrono::Duration::seconds(300);
@@ -326,9 +293,9 @@ async fn start_holds_every_seat_in_one_event() {
         .unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].get::<_, String>(1), "OCCUPIED");
-    assert_eq!(seat_set(&events[0].get::<_, Value>(2)), set(&seats));
+    assert_eq!(seat_set(&events[0].get::<_, Value>(2)), set_of(&seats));
 
-    let got = r.get(&format!("/api/bookings/{id}"), Some(&token)).await;
+    let got = r.booking(&token, &id).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.body, b.body);
 
@@ -349,16 +316,13 @@ async fn start_holds_every_seat_in_one_event() {
 
 #[tokio::test]
 async fn seats_taken_names_exactly_the_taken_requested_seats() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(5, 5, &[]).await;
-    let (alice, bob, carol) = (r.guest().await, r.guest().await, r.guest().await);
+    let [alice, bob, carol] = r.guests().await;
 
-    let a = r.start(&alice, schedule, &[(1, 1), (1, 2)]).await;
-    assert_eq!(a.status, 201);
+    let a = r.hold(&alice, schedule, &[(1, 1), (1, 2)]).await;
     assert_eq!(r.confirm(&alice, &a.booking_id()).await.status, 200);
-    let b = r.start(&bob, schedule, &[(2, 2), (2, 3)]).await;
-    assert_eq!(b.status, 201);
+    let b = r.hold(&bob, schedule, &[(2, 2), (2, 3)]).await;
     let before = r.snapshot(schedule).await;
     let rows = booking_rows(&db).await;
 
@@ -367,13 +331,13 @@ async fn seats_taken_names_exactly_the_taken_requested_seats() {
         .start(&carol, schedule, &[(3, 3), (1, 2), (2, 3), (4, 4)])
         .await;
     c.assert_problem(409, "seats_taken");
-    assert_eq!(seat_set(&c.body["seats"]), set(&[(1, 2), (2, 3)]));
+    assert_eq!(seat_set(&c.body["seats"]), set_of(&[(1, 2), (2, 3)]));
     assert_eq!(c.body["seats"].as_array().unwrap().len(), 2, "{}", c.body);
 
     // Only held seats.
     let c = r.start(&carol, schedule, &[(2, 2)]).await;
     c.assert_problem(409, "seats_taken");
-    assert_eq!(seat_set(&c.body["seats"]), set(&[(2, 2)]));
+    assert_eq!(seat_set(&c.body["seats"]), set_of(&[(2, 2)]));
 
     // Nothing was held, no event, no booking row.
     assert_eq!(r.snapshot(schedule).await, before);
@@ -381,27 +345,23 @@ async fn seats_taken_names_exactly_the_taken_requested_seats() {
     db.assert_consistent().await;
 
     // Carol has no phantom pending booking: the free seats are hers now.
-    let c = r.start(&carol, schedule, &[(3, 3), (4, 4)]).await;
-    assert_eq!(c.status, 201, "{}", c.body);
+    r.hold(&carol, schedule, &[(3, 3), (4, 4)]).await;
 
     // A seat freed by a cancel is free again at once.
     assert_eq!(r.cancel(&bob, &b.booking_id()).await.status, 200);
     let dave = r.guest().await;
-    let d = r.start(&dave, schedule, &[(2, 2), (2, 3)]).await;
-    assert_eq!(d.status, 201, "{}", d.body);
+    r.hold(&dave, schedule, &[(2, 2), (2, 3)]).await;
     db.assert_consistent().await;
 }
 
 #[tokio::test]
 async fn one_pending_booking_per_user_and_schedule() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(5, 5, &[]).await;
     let elsewhere = r.create_schedule(5, 5, &[]).await;
     let token = r.guest().await;
 
-    let first = r.start(&token, schedule, &[(1, 1)]).await;
-    assert_eq!(first.status, 201);
+    let first = r.hold(&token, schedule, &[(1, 1)]).await;
     let before = r.snapshot(schedule).await;
     let again = r.start(&token, schedule, &[(2, 2)]).await;
     again.assert_problem(409, "booking_in_progress");
@@ -410,27 +370,23 @@ async fn one_pending_booking_per_user_and_schedule() {
     db.assert_consistent().await;
 
     // Another schedule is another matter.
-    let other = r.start(&token, elsewhere, &[(2, 2)]).await;
-    assert_eq!(other.status, 201, "{}", other.body);
+    r.hold(&token, elsewhere, &[(2, 2)]).await;
 
     // Once the pending one is confirmed, the user may start another.
     assert_eq!(r.confirm(&token, &first.booking_id()).await.status, 200);
-    let second = r.start(&token, schedule, &[(2, 2)]).await;
-    assert_eq!(second.status, 201, "{}", second.body);
+    let second = r.hold(&token, schedule, &[(2, 2)]).await;
     // ... and once it is cancelled, too.
     r.start(&token, schedule, &[(3, 3)])
         .await
         .assert_problem(409, "booking_in_progress");
     assert_eq!(r.cancel(&token, &second.booking_id()).await.status, 200);
-    let third = r.start(&token, schedule, &[(3, 3)]).await;
-    assert_eq!(third.status, 201, "{}", third.body);
+    r.hold(&token, schedule, &[(3, 3)]).await;
     db.assert_consistent().await;
 }
 
 #[tokio::test]
 async fn idempotency_key_replays_refuses_reuse_and_frees_after_cancel() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(5, 5, &[]).await;
     let elsewhere = r.create_schedule(5, 5, &[]).await;
     let token = r.guest().await;
@@ -519,58 +475,41 @@ async fn idempotency_key_replays_refuses_reuse_and_frees_after_cancel() {
     assert_ne!(anew.booking_id(), first.booking_id());
     assert_eq!(anew.body["status"], "PENDING");
     // ... and the old booking stays cancelled.
-    let old = r
-        .get(
-            &format!("/api/bookings/{}", first.booking_id()),
-            Some(&token),
-        )
-        .await;
+    let old = r.booking(&token, &first.booking_id()).await;
     assert_eq!(old.body["status"], "CANCELLED");
     db.assert_consistent().await;
 }
 
 #[tokio::test]
 async fn bookings_exist_only_for_their_owner() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(3, 3, &[]).await;
-    let (owner, stranger) = (r.guest().await, r.guest().await);
-    let b = r.start(&owner, schedule, &[(2, 2)]).await;
-    assert_eq!(b.status, 201);
+    let [owner, stranger] = r.guests().await;
+    let b = r.hold(&owner, schedule, &[(2, 2)]).await;
     let id = b.booking_id();
 
-    let got = r.get(&format!("/api/bookings/{id}"), Some(&owner)).await;
+    let got = r.booking(&owner, &id).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.body, b.body);
     // Any case is accepted; the id comes back lowercase.
-    let upper = r
-        .get(
-            &format!("/api/bookings/{}", id.to_uppercase()),
-            Some(&owner),
-        )
-        .await;
+    let upper = r.booking(&owner, &id.to_uppercase()).await;
     assert_eq!(upper.status, 200, "{}", upper.body);
     assert_eq!(upper.body["bookingId"], id);
 
     // To a stranger it does not exist: byte for byte the answer for an unknown id.
-    let unknown = r
-        .get(&format!("/api/bookings/{}", Uuid::new_v4()), Some(&owner))
-        .await;
+    let unknown = r.booking(&owner, Uuid::new_v4()).await;
     unknown.assert_problem(404, "booking_not_found");
     let before = r.snapshot(schedule).await;
     for method in ["get", "confirm", "cancel"] {
         let theirs = match method {
-            "get" => r.get(&format!("/api/bookings/{id}"), Some(&stranger)).await,
+            "get" => r.booking(&stranger, &id).await,
             "confirm" => r.confirm(&stranger, &id).await,
             _ => r.cancel(&stranger, &id).await,
         };
         theirs.assert_problem(404, "booking_not_found");
         assert_eq!(theirs.body, unknown.body, "{method} leaks existence");
         let nobody = match method {
-            "get" => {
-                r.get(&format!("/api/bookings/{}", Uuid::new_v4()), Some(&owner))
-                    .await
-            }
+            "get" => r.booking(&owner, Uuid::new_v4()).await,
             "confirm" => r.confirm(&owner, &Uuid::new_v4().to_string()).await,
             _ => r.cancel(&owner, &Uuid::new_v4().to_string()).await,
         };
@@ -578,7 +517,7 @@ async fn bookings_exist_only_for_their_owner() {
     }
     // The stranger changed nothing.
     assert_eq!(r.snapshot(schedule).await, before);
-    let got = r.get(&format!("/api/bookings/{id}"), Some(&owner)).await;
+    let got = r.booking(&owner, &id).await;
     assert_eq!(got.body["status"], "PENDING");
 
     r.get("/api/bookings/not-a-uuid", Some(&owner))
@@ -589,10 +528,9 @@ async fn bookings_exist_only_for_their_owner() {
 
 #[tokio::test]
 async fn confirm_and_cancel_are_idempotent_and_final() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(3, 3, &[]).await;
-    let (alice, bob) = (r.guest().await, r.guest().await);
+    let [alice, bob] = r.guests().await;
 
     // Confirm: 200 CONFIRMED, one event; again: the same, no event.
     let a = r.start(&alice, schedule, &[(1, 1), (1, 2)]).await;
@@ -601,7 +539,7 @@ async fn confirm_and_cancel_are_idempotent_and_final() {
     assert_eq!(c.status, 200, "{}", c.body);
     assert_eq!(c.body["status"], "CONFIRMED");
     assert_eq!(c.body["bookingId"], a_id);
-    assert_eq!(seat_set(&c.body["seats"]), set(&[(1, 1), (1, 2)]));
+    assert_eq!(seat_set(&c.body["seats"]), set_of(&[(1, 1), (1, 2)]));
     let after_confirm = r.snapshot(schedule).await;
     assert_eq!(
         after_confirm,
@@ -639,15 +577,14 @@ async fn confirm_and_cancel_are_idempotent_and_final() {
         .await
         .assert_problem(409, "booking_cancelled");
     assert_eq!(r.snapshot(schedule).await, after_cancel);
-    let got = r.get(&format!("/api/bookings/{b_id}"), Some(&bob)).await;
+    let got = r.booking(&bob, &b_id).await;
     assert_eq!(got.body["status"], "CANCELLED");
     db.assert_consistent().await;
 }
 
 #[tokio::test]
 async fn expired_bookings_refuse_confirm_and_cancel() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default().with("HOLD_SECONDS", 2)).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default().with("HOLD_SECONDS", 2)).await;
     let schedule = r.create_schedule(3, 3, &[]).await;
     assert_eq!(
         r.get(&format!("/api/schedules/{schedule}"), None)
@@ -655,7 +592,7 @@ async fn expired_bookings_refuse_confirm_and_cancel() {
             .body["holdSeconds"],
         2
     );
-    let (alice, bob) = (r.guest().await, r.guest().await);
+    let [alice, bob] = r.guests().await;
     let key = "expiring-key";
     let a = r
         .start_with_key(&alice, schedule, &[(1, 1), (2, 2)], key)
@@ -666,10 +603,15 @@ async fn expired_bookings_refuse_confirm_and_cancel() {
     let b_id = b.booking_id();
 
     let path = format!("/api/bookings/{a_id}");
-    wait_for("the hold to expire", Duration::from_secs(10), || async {
-        (r.get(&path, Some(&alice)).await.body["status"] == "EXPIRED").then_some(())
-    })
-    .await;
+    // Bob's hold started after Alice's, so it may still be live when hers
+    // has expired: wait for each one's own expiry.
+    for (token, id) in [(&alice, &a_id), (&bob, &b_id)] {
+        let path = format!("/api/bookings/{id}");
+        wait_for("the hold to expire", Duration::from_secs(10), || async {
+            (r.get(&path, Some(token)).await.body["status"] == "EXPIRED").then_some(())
+        })
+        .await;
+    }
     r.confirm(&alice, &a_id)
         .await
         .assert_problem(410, "booking_expired");
@@ -688,16 +630,12 @@ async fn expired_bookings_refuse_confirm_and_cancel() {
         r.snapshot(schedule).await.1.is_empty().then_some(())
     })
     .await;
-    let released: i64 = db
-        .client()
-        .await
-        .query_one(
+    let released = db
+        .count(
             "SELECT count(*) FROM seat_events WHERE schedule_id = $1 AND action = 'RELEASED'",
             &[&schedule],
         )
-        .await
-        .unwrap()
-        .get(0);
+        .await;
     assert_eq!(released, 2, "one RELEASED per expired booking");
     db.assert_consistent().await;
 
@@ -714,8 +652,7 @@ async fn expired_bookings_refuse_confirm_and_cancel() {
 
 #[tokio::test]
 async fn booking_endpoints_need_a_valid_bearer_token() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(2, 2, &[]).await;
     let token = r.guest().await;
     let b = r.start(&token, schedule, &[(1, 1)]).await;
@@ -748,19 +685,13 @@ async fn booking_endpoints_need_a_valid_bearer_token() {
         }
     }
     assert_eq!(r.snapshot(schedule).await, before);
-    assert_eq!(
-        r.get(&format!("/api/bookings/{id}"), Some(&token))
-            .await
-            .body["status"],
-        "PENDING"
-    );
+    assert_eq!(r.booking(&token, &id).await.body["status"], "PENDING");
     db.assert_consistent().await;
 }
 
 #[tokio::test]
 async fn operations_endpoints_and_unknown_routes() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
 
     assert_eq!(r.get("/healthz", None).await.status, 200);
     let ready = r.get("/readyz", None).await;
@@ -797,7 +728,7 @@ async fn operations_endpoints_and_unknown_routes() {
     // Prometheus text, with the booking counters once something happened.
     let schedule = r.create_schedule(2, 2, &[]).await;
     let token = r.guest().await;
-    assert_eq!(r.start(&token, schedule, &[(1, 1)]).await.status, 201);
+    r.hold(&token, schedule, &[(1, 1)]).await;
     let m = r.http.get(r.url("/metrics")).send().await.unwrap();
     assert_eq!(m.status(), 200);
     let ct = m.headers()["content-type"].to_str().unwrap().to_owned();

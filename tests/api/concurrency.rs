@@ -3,8 +3,7 @@
 //! true (a 201 holds its seats alone, a 409 names seats that really were
 //! held by someone whose hold succeeded).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -17,8 +16,6 @@ use crate::helpers::*;
 const ROWS: i64 = 4;
 const COLS: i64 = 6;
 
-type SeatSet = BTreeSet<(i64, i64)>;
-
 /// 1-4 distinct seats of the small grid, in random order (the server must
 /// not depend on the order it is sent).
 fn random_seats(rng: &mut StdRng) -> Vec<(i64, i64)> {
@@ -30,25 +27,6 @@ fn random_seats(rng: &mut StdRng) -> Vec<(i64, i64)> {
     let mut seats: Vec<(i64, i64)> = set.into_iter().collect();
     seats.shuffle(rng);
     seats
-}
-
-async fn two_replicas(db: &TestDb) -> [Arc<Replica>; 2] {
-    let (a, b) = tokio::join!(
-        Replica::spawn(db, ReplicaOpts::default()),
-        Replica::spawn(db, ReplicaOpts::default())
-    );
-    [Arc::new(a), Arc::new(b)]
-}
-
-fn owned(replicas: [Arc<Replica>; 2]) -> Vec<Replica> {
-    replicas
-        .into_iter()
-        .map(|r| Arc::into_inner(r).expect("no request still uses the replica"))
-        .collect()
-}
-
-async fn guests(r: &Replica, n: usize) -> Vec<String> {
-    join_all((0..n).map(|_| r.guest())).await
 }
 
 /// One `start` and what came of it, with the instants it was sent and
@@ -79,6 +57,24 @@ async fn timed_start(
     }
 }
 
+/// Two replicas on a fresh database, and a schedule of the small grid.
+async fn two_replicas_and_a_schedule() -> (TestDb, [Replica; 2], i64) {
+    let (db, a, b) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
+    let schedule = a.create_schedule(ROWS, COLS, &[]).await;
+    (db, [a, b], schedule)
+}
+
+/// The seats a `seats_taken` answer names: at least one, all requested.
+fn taken_seats(a: &Attempt) -> SeatSet {
+    let taken = seat_set(&a.resp.body["seats"]);
+    assert!(
+        !taken.is_empty() && taken.is_subset(&a.requested),
+        "{}",
+        a.resp.body
+    );
+    taken
+}
+
 fn assert_no_server_error(what: &str, resp: &ApiResponse) {
     assert!(
         resp.status < 500,
@@ -90,11 +86,9 @@ fn assert_no_server_error(what: &str, resp: &ApiResponse) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_starts_on_two_replicas_never_double_book() {
-    let db = TestDb::create().await;
-    let replicas = two_replicas(&db).await;
-    let schedule = replicas[0].create_schedule(ROWS, COLS, &[]).await;
-    let users = 240;
-    let tokens = guests(&replicas[0], users).await;
+    let (db, replicas, schedule) = two_replicas_and_a_schedule().await;
+    let tokens: [String; 240] = replicas[0].guests().await;
+    let users = tokens.len();
 
     // Every user sends two different holds at once, one to each replica, so
     // the one-pending-booking rule is raced across processes too.
@@ -213,7 +207,7 @@ async fn overlapping_starts_on_two_replicas_never_double_book() {
     assert_eq!(event_sets, held_sets);
     assert_eq!(replayed_map(&events), snap);
     db.assert_consistent().await;
-    let deadlocks = db.deadlocks_after_shutdown(owned(replicas)).await;
+    let deadlocks = db.deadlocks_after_shutdown(replicas.into()).await;
 
     println!(
         "concurrency: {} starts from {users} users on 2 replicas: held {} ({} seats of {}), seats_taken {seats_taken}, booking_in_progress {in_progress}, deadlocks {deadlocks}",
@@ -252,7 +246,7 @@ struct Hold {
 }
 
 async fn user_session(
-    replicas: &[Arc<Replica>; 2],
+    replicas: &[Replica; 2],
     user: usize,
     token: &str,
     schedule: i64,
@@ -294,12 +288,10 @@ async fn user_session(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starts_confirms_and_cancels_interleaved_keep_the_invariant() {
-    let db = TestDb::create().await;
-    let replicas = two_replicas(&db).await;
-    let schedule = replicas[0].create_schedule(ROWS, COLS, &[]).await;
-    let users = 120;
+    let (db, replicas, schedule) = two_replicas_and_a_schedule().await;
+    let tokens: [String; 120] = replicas[0].guests().await;
+    let users = tokens.len();
     let rounds = 6;
-    let tokens = guests(&replicas[0], users).await;
 
     let sessions: Vec<Vec<Step>> =
         join_all((0..users).map(|u| user_session(&replicas, u, &tokens[u], schedule, rounds)))
@@ -397,13 +389,7 @@ async fn starts_confirms_and_cancels_interleaved_keep_the_invariant() {
     // Every seat named in a seats_taken was held, at some instant of that
     // request, by a booking whose start succeeded.
     for a in &refusals {
-        let taken = seat_set(&a.resp.body["seats"]);
-        assert!(
-            !taken.is_empty() && taken.is_subset(&a.requested),
-            "{}",
-            a.resp.body
-        );
-        for seat in &taken {
+        for seat in &taken_seats(a) {
             let plausible = holds.values().any(|h| {
                 h.seats.contains(seat)
                     && h.start_sent < a.recv
@@ -443,7 +429,7 @@ async fn starts_confirms_and_cancels_interleaved_keep_the_invariant() {
     assert_eq!(replayed_map(&events), snap);
     assert_eq!(db.logged_seat_events(schedule).await, events);
     db.assert_consistent().await;
-    let deadlocks = db.deadlocks_after_shutdown(owned(replicas)).await;
+    let deadlocks = db.deadlocks_after_shutdown(replicas.into()).await;
 
     let starts: usize = sessions
         .iter()
@@ -475,7 +461,7 @@ async fn a_storm_of_starts_takes_over_expired_unswept_holds_without_409s() {
     let schedule = short.create_schedule(ROWS, COLS, &[]).await;
 
     // Fill the grid with 1-second holds of three seats each.
-    let fillers = guests(&short, 8).await;
+    let fillers: [String; 8] = short.guests().await;
     let old: Vec<(String, SeatSet)> = join_all(fillers.iter().enumerate().map(|(i, t)| {
         let seats: Vec<(i64, i64)> = (0..3)
             .map(|k| {
@@ -485,35 +471,22 @@ async fn a_storm_of_starts_takes_over_expired_unswept_holds_without_409s() {
             .collect();
         let short = &short;
         async move {
-            let resp = short.start(t, schedule, &seats).await;
-            assert_eq!(resp.status, 201, "{}", resp.body);
+            let resp = short.hold(t, schedule, &seats).await;
             (resp.booking_id(), seats.into_iter().collect::<SeatSet>())
         }
     }))
     .await;
     let (_, full) = short.snapshot(schedule).await;
     assert_eq!(full.len() as i64, ROWS * COLS);
-    let c = db.client().await;
     wait_for(
         "the fill holds to expire",
         Duration::from_secs(5),
-        || async {
-            let overdue: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING' \
-                 AND expires_at <= clock_timestamp()",
-                    &[&schedule],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (overdue == old.len() as i64).then_some(())
-        },
+        || async { (db.overdue_holds(schedule).await == old.len() as i64).then_some(()) },
     )
     .await;
 
-    let users = 300;
-    let tokens = guests(&r1, users).await;
+    let tokens: [String; 300] = r1.guests().await;
+    let users = tokens.len();
     let mut rng = StdRng::seed_from_u64(0x5ea7_2000);
     let plan: Vec<Vec<(i64, i64)>> = (0..users).map(|_| random_seats(&mut rng)).collect();
     let attempts: Vec<Attempt> = join_all(plan.iter().enumerate().map(|(u, seats)| {
@@ -541,13 +514,7 @@ async fn a_storm_of_starts_takes_over_expired_unswept_holds_without_409s() {
     // An expired hold never causes a 409: every seat named taken is held
     // by a storm booking that asked before the answer came.
     for a in attempts.iter().filter(|a| a.resp.status == 409) {
-        let taken = seat_set(&a.resp.body["seats"]);
-        assert!(
-            !taken.is_empty() && taken.is_subset(&a.requested),
-            "{}",
-            a.resp.body
-        );
-        for seat in &taken {
+        for seat in &taken_seats(a) {
             let holder = holder_of.get(seat).unwrap_or_else(|| {
                 panic!(
                     "{seat:?} reported taken but only an expired hold had it: {}",

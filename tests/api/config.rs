@@ -282,16 +282,13 @@ async fn migrate_applies_once_and_needs_only_the_database() {
     assert!(first.status.success(), "{first:?}");
     assert_eq!(applied(&first), migration_count(), "{first:?}");
     // The schema is there.
-    let c = db.client().await;
-    let tables: i64 = c
-        .query_one(
+    let tables = db
+        .count(
             "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' \
              AND table_name IN ('schedules', 'bookings', 'schedule_seat_status', 'seat_events')",
             &[],
         )
-        .await
-        .unwrap()
-        .get(0);
+        .await;
     assert_eq!(tables, 4);
 
     let second = run(&["migrate"], &env).await;
@@ -302,7 +299,7 @@ async fn migrate_applies_once_and_needs_only_the_database() {
     let r = Replica::spawn(&db, ReplicaOpts::default()).await;
     let schedule = r.create_schedule(2, 2, &[]).await;
     let token = r.guest().await;
-    assert_eq!(r.start(&token, schedule, &[(1, 1)]).await.status, 201);
+    r.hold(&token, schedule, &[(1, 1)]).await;
     db.assert_consistent().await;
 
     // Without a database, or with one that cannot be reached: one clear line.
@@ -331,13 +328,9 @@ async fn concurrent_migrations_both_succeed_and_apply_once() {
         migration_count(),
         "exactly one run applies each migration: {runs:?}"
     );
-    let history: i64 = db
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let history = db
+        .count("SELECT count(*) FROM refinery_schema_history", &[])
+        .await;
     assert_eq!(history, migration_count() as i64);
 }
 

@@ -6,7 +6,7 @@
 //! The tests and PostgreSQL run on one machine, so the system clock here is
 //! the database clock `expiresAt` is measured by.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -15,21 +15,23 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-type SeatSet = BTreeSet<(i64, i64)>;
-
 /// The API's promise: released within 2 s of expiry.
 const RELEASE_WITHIN: chrono::TimeDelta = chrono::TimeDelta::seconds(2);
 
-fn set(seats: &[(i64, i64)]) -> SeatSet {
-    seats.iter().copied().collect()
-}
-
-/// Lets time pass until `t` (by the shared clock); callers still verify the
-/// state they wait for.
+/// Lets time pass until `t`: only to send a request at a chosen moment,
+/// never to wait for a state (that is [`TestDb::wait_clock_past`]).
 async fn sleep_until(t: DateTime<Utc>) {
     if let Ok(d) = (t - Utc::now()).to_std() {
         tokio::time::sleep(d).await;
     }
+}
+
+/// Asserts that the next frame (within 5 s) is this seat event.
+async fn assert_next_event(sse: &mut SseClient, id: i64, action: &str, seats: &[(i64, i64)]) {
+    assert_eq!(
+        next_seat_event(sse, Duration::from_secs(5)).await,
+        (id, action.to_owned(), set_of(seats))
+    );
 }
 
 async fn next_seat_event(sse: &mut SseClient, timeout: Duration) -> (i64, String, SeatSet) {
@@ -39,34 +41,15 @@ async fn next_seat_event(sse: &mut SseClient, timeout: Duration) -> (i64, String
     }
 }
 
-async fn open_live_stream(r: &Replica, schedule: i64) -> SseClient {
-    let mut sse = r.stream(schedule, None).await;
-    assert_eq!(sse.status, 200);
-    assert_eq!(
-        sse.next(Duration::from_secs(5)).await,
-        Some(SseFrame::Retry(3000))
-    );
-    sse
-}
-
-/// Bookings of `schedule` still `PENDING` in the table (swept or not).
-async fn pending_rows(db: &TestDb, schedule: i64) -> i64 {
-    db.client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING'",
-            &[&schedule],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 /// Waits until the table holds no `PENDING` booking of `schedule`.
 async fn wait_all_settled(db: &TestDb, schedule: i64, timeout: Duration) {
-    wait_for("every hold of the schedule settled", timeout, || async {
-        (pending_rows(db, schedule).await == 0).then_some(())
-    })
+    db.wait_count(
+        "every hold of the schedule settled",
+        timeout,
+        "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING'",
+        &[&schedule],
+        0,
+    )
     .await;
 }
 
@@ -87,10 +70,9 @@ async fn booking_row(db: &TestDb, id: &str) -> (String, DateTime<Utc>, DateTime<
 
 #[tokio::test]
 async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default().with("HOLD_SECONDS", 1)).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default().with("HOLD_SECONDS", 1)).await;
     let schedule = r.create_schedule(3, 3, &[]).await;
-    let mut sse = open_live_stream(&r, schedule).await;
+    let mut sse = r.subscribe(schedule, None).await;
     let token = r.guest().await;
 
     let before = Utc::now();
@@ -105,17 +87,14 @@ async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
         before + hold - slack <= expires_at && expires_at <= after + hold + slack,
         "expiresAt {expires_at} is not HOLD_SECONDS after the start ({before}..{after})"
     );
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (1, "OCCUPIED".to_owned(), set(&[(1, 1), (1, 2)]))
-    );
+    assert_next_event(&mut sse, 1, "OCCUPIED", &[(1, 1), (1, 2)]).await;
 
     // The RELEASED event arrives no earlier than expiry and within 2 s of it.
     let (eid, action, seats) = next_seat_event(&mut sse, Duration::from_secs(10)).await;
     let arrived = Utc::now();
     assert_eq!(
         (eid, action.as_str(), seats),
-        (2, "RELEASED", set(&[(1, 1), (1, 2)]))
+        (2, "RELEASED", set_of(&[(1, 1), (1, 2)]))
     );
     assert!(
         arrived <= expires_at + RELEASE_WITHIN,
@@ -132,7 +111,7 @@ async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
     );
     assert!(released_at <= expires_at + RELEASE_WITHIN);
 
-    let got = r.get(&format!("/api/bookings/{id}"), Some(&token)).await;
+    let got = r.booking(&token, &id).await;
     assert_eq!(got.status, 200, "{}", got.body);
     assert_eq!(got.body["status"], "EXPIRED");
     r.confirm(&token, &id)
@@ -160,27 +139,17 @@ async fn expired_hold_is_released_within_two_seconds_and_refuses_changes() {
 
 #[tokio::test]
 async fn expired_but_unswept_hold_never_blocks() {
-    let db = TestDb::create().await;
     // The sweeper runs once at start-up and then not for a minute: every
     // expired hold below is released only by the request that meets it.
-    let r = Replica::spawn(
-        &db,
+    let (db, r) = TestDb::with_replica(
         ReplicaOpts::default()
             .with("HOLD_SECONDS", 1)
             .with("SWEEP_INTERVAL_MS", 60_000),
     )
     .await;
     let schedule = r.create_schedule(4, 4, &[]).await;
-    let mut sse = open_live_stream(&r, schedule).await;
-    let [alice, bob, carol, dave, erin, frank] = [(); 6].map(|_| r.guest());
-    let (alice, bob, carol, dave, erin, frank) = (
-        alice.await,
-        bob.await,
-        carol.await,
-        dave.await,
-        erin.await,
-        frank.await,
-    );
+    let mut sse = r.subscribe(schedule, None).await;
+    let [alice, bob, carol, dave, erin, frank] = r.guests().await;
 
     let a = r
         .start_with_key(&alice, schedule, &[(1, 1), (1, 2)], "alice-key")
@@ -202,52 +171,30 @@ async fn expired_but_unswept_hold_never_blocks() {
     }
 
     let latest = expires.iter().max().copied().unwrap();
-    sleep_until(latest + chrono::TimeDelta::milliseconds(20)).await;
+    db.wait_clock_past(latest).await;
     // All five are past expiry by the database clock and still unswept.
-    let overdue: i64 = db
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM bookings WHERE schedule_id = $1 AND status = 'PENDING' \
-             AND expires_at <= clock_timestamp()",
-            &[&schedule],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(overdue, 5, "the holds must be expired but not yet swept");
-    let got = r
-        .get(&format!("/api/bookings/{}", a.booking_id()), Some(&alice))
-        .await;
+    assert_eq!(
+        db.overdue_holds(schedule).await,
+        5,
+        "the holds must be expired but not yet swept"
+    );
+    let got = r.booking(&alice, &a.booking_id()).await;
     assert_eq!(got.body["status"], "EXPIRED", "{}", got.body);
 
     // Another user takes an overlapping set: 201, and the old hold's
     // RELEASED precedes the new OCCUPIED.
     let b = r.start(&bob, schedule, &[(1, 2), (1, 3)]).await;
     assert_eq!(b.status, 201, "an expired hold caused {}", b.body);
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (6, "RELEASED".to_owned(), set(&[(1, 1), (1, 2)]))
-    );
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (7, "OCCUPIED".to_owned(), set(&[(1, 2), (1, 3)]))
-    );
+    assert_next_event(&mut sse, 6, "RELEASED", &[(1, 1), (1, 2)]).await;
+    assert_next_event(&mut sse, 7, "OCCUPIED", &[(1, 2), (1, 3)]).await;
     r.confirm(&alice, &a.booking_id())
         .await
         .assert_problem(410, "booking_expired");
 
     // The same user starts again on the schedule: no booking_in_progress.
-    let c2 = r.start(&carol, schedule, &[(2, 2)]).await;
-    assert_eq!(c2.status, 201, "{}", c2.body);
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (8, "RELEASED".to_owned(), set(&[(2, 1)]))
-    );
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (9, "OCCUPIED".to_owned(), set(&[(2, 2)]))
-    );
+    r.hold(&carol, schedule, &[(2, 2)]).await;
+    assert_next_event(&mut sse, 8, "RELEASED", &[(2, 1)]).await;
+    assert_next_event(&mut sse, 9, "OCCUPIED", &[(2, 2)]).await;
 
     // The Idempotency-Key of an expired booking is free again: the same key
     // and body make a new booking, which the key then names.
@@ -262,14 +209,8 @@ async fn expired_but_unswept_hold_never_blocks() {
     );
     assert_eq!(d2.body["status"], "PENDING");
     assert!(timestamp(&d2.body["expiresAt"]) > Utc::now());
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (10, "RELEASED".to_owned(), set(&[(3, 1), (3, 2)]))
-    );
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (11, "OCCUPIED".to_owned(), set(&[(3, 1), (3, 2)]))
-    );
+    assert_next_event(&mut sse, 10, "RELEASED", &[(3, 1), (3, 2)]).await;
+    assert_next_event(&mut sse, 11, "OCCUPIED", &[(3, 1), (3, 2)]).await;
     let again = r
         .start_with_key(&dave, schedule, &[(3, 1), (3, 2)], "dave-key")
         .await;
@@ -281,17 +222,11 @@ async fn expired_but_unswept_hold_never_blocks() {
     r.confirm(&erin, &e.booking_id())
         .await
         .assert_problem(410, "booking_expired");
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (12, "RELEASED".to_owned(), set(&[(4, 1)]))
-    );
+    assert_next_event(&mut sse, 12, "RELEASED", &[(4, 1)]).await;
     r.cancel(&frank, &f.booking_id())
         .await
         .assert_problem(410, "booking_expired");
-    assert_eq!(
-        next_seat_event(&mut sse, Duration::from_secs(5)).await,
-        (13, "RELEASED".to_owned(), set(&[(4, 4)]))
-    );
+    assert_next_event(&mut sse, 13, "RELEASED", &[(4, 4)]).await;
 
     for (resp, token) in [
         (&a, &alice),
@@ -300,9 +235,7 @@ async fn expired_but_unswept_hold_never_blocks() {
         (&e, &erin),
         (&f, &frank),
     ] {
-        let got = r
-            .get(&format!("/api/bookings/{}", resp.booking_id()), Some(token))
-            .await;
+        let got = r.booking(token, &resp.booking_id()).await;
         assert_eq!(got.body["status"], "EXPIRED", "{}", got.body);
         assert_eq!(booking_row(&db, &resp.booking_id()).await.0, "EXPIRED");
     }
@@ -397,6 +330,30 @@ fn race_seats(i: usize) -> Vec<(i64, i64)> {
     vec![(row, col), (row, col + 1)]
 }
 
+/// After the races on two replicas: the snapshot (from the first) is at one
+/// OCCUPIED and one terminal event per booking, the stream (from the
+/// second) replays the log exactly, each booking's events name its winner,
+/// and they rebuild the snapshot. The deadlocks, once both are stopped.
+async fn assert_race_events(
+    db: &TestDb,
+    [r1, r2]: [Replica; 2],
+    schedule: i64,
+    expected: &[(SeatSet, Winner)],
+) -> i64 {
+    let (last, snap) = r1.snapshot(schedule).await;
+    assert_eq!(
+        last,
+        2 * expected.len() as i64,
+        "one OCCUPIED and one terminal event per booking"
+    );
+    let events = r2.replay_events(schedule, 0, last).await;
+    assert_eq!(db.logged_seat_events(schedule).await, events);
+    assert_one_terminal_event_each(&events, expected);
+    assert_eq!(replayed_map(&events), snap);
+    db.assert_consistent().await;
+    db.deadlocks_after_shutdown(vec![r1, r2]).await
+}
+
 async fn start_all(r: &Replica, schedule: i64, tokens: &[String]) -> Vec<ApiResponse> {
     let started = join_all(
         tokens
@@ -413,14 +370,10 @@ async fn start_all(r: &Replica, schedule: i64, tokens: &[String]) -> Vec<ApiResp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirm_racing_cancel_has_exactly_one_winner() {
-    let db = TestDb::create().await;
-    let (r1, r2) = tokio::join!(
-        Replica::spawn(&db, ReplicaOpts::default()),
-        Replica::spawn(&db, ReplicaOpts::default())
-    );
-    let n = 40;
+    let (db, r1, r2) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
     let schedule = r1.create_schedule(20, 4, &[]).await;
-    let tokens = join_all((0..n).map(|_| r1.guest())).await;
+    let tokens: [String; 40] = r1.guests().await;
+    let n = tokens.len();
     let started = start_all(&r1, schedule, &tokens).await;
 
     // Confirm on one replica, cancel on the other, all at once.
@@ -438,28 +391,12 @@ async fn confirm_racing_cancel_has_exactly_one_winner() {
     for (i, (confirm, cancel)) in results.iter().enumerate() {
         let w = winner(confirm, Some(cancel));
         assert_ne!(w, Winner::Expiry, "a 300 s hold cannot expire here");
-        let got = r2
-            .get(
-                &format!("/api/bookings/{}", started[i].booking_id()),
-                Some(&tokens[i]),
-            )
-            .await;
+        let got = r2.booking(&tokens[i], &started[i].booking_id()).await;
         assert_eq!(got.body["status"], w.status(), "{}", got.body);
-        expected.push((set(&race_seats(i)), w));
+        expected.push((set_of(&race_seats(i)), w));
     }
 
-    let (last, snap) = r1.snapshot(schedule).await;
-    assert_eq!(
-        last,
-        2 * n as i64,
-        "one OCCUPIED and one terminal event per booking"
-    );
-    let events = r2.replay_events(schedule, 0, last).await;
-    assert_eq!(db.logged_seat_events(schedule).await, events);
-    assert_one_terminal_event_each(&events, &expected);
-    assert_eq!(replayed_map(&events), snap);
-    db.assert_consistent().await;
-    let deadlocks = db.deadlocks_after_shutdown(vec![r1, r2]).await;
+    let deadlocks = assert_race_events(&db, [r1, r2], schedule, &expected).await;
     let confirms = expected
         .iter()
         .filter(|(_, w)| *w == Winner::Confirm)
@@ -473,12 +410,11 @@ async fn confirm_racing_cancel_has_exactly_one_winner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirm_racing_expiry_has_exactly_one_winner() {
-    let db = TestDb::create().await;
     let opts = ReplicaOpts::default().with("HOLD_SECONDS", 1);
-    let (r1, r2) = tokio::join!(Replica::spawn(&db, opts.clone()), Replica::spawn(&db, opts));
-    let n = 40;
+    let (db, r1, r2) = TestDb::with_two_replicas(opts).await;
     let schedule = r1.create_schedule(20, 4, &[]).await;
-    let tokens = join_all((0..n).map(|_| r1.guest())).await;
+    let tokens: [String; 40] = r1.guests().await;
+    let n = tokens.len();
     let started = start_all(&r1, schedule, &tokens).await;
 
     // Each booking is raced at its own offset from expiry, -100..+95 ms,
@@ -517,7 +453,7 @@ async fn confirm_racing_expiry_has_exactly_one_winner() {
             Winner::Expiry => assert!(recv > expires_at, "booking {i} expired early"),
         }
         counts[w as usize] += 1;
-        expected.push((set(&race_seats(i)), w));
+        expected.push((set_of(&race_seats(i)), w));
     }
 
     let latest = results.iter().map(|r| r.2).max().unwrap();
@@ -526,26 +462,10 @@ async fn confirm_racing_expiry_has_exactly_one_winner() {
         .unwrap_or_default();
     wait_all_settled(&db, schedule, left + Duration::from_millis(500)).await;
     for (i, s) in started.iter().enumerate() {
-        let got = r2
-            .get(
-                &format!("/api/bookings/{}", s.booking_id()),
-                Some(&tokens[i]),
-            )
-            .await;
+        let got = r2.booking(&tokens[i], &s.booking_id()).await;
         assert_eq!(got.body["status"], expected[i].1.status(), "{}", got.body);
     }
-    let (last, snap) = r1.snapshot(schedule).await;
-    assert_eq!(
-        last,
-        2 * n as i64,
-        "one OCCUPIED and one terminal event per booking"
-    );
-    let events = r2.replay_events(schedule, 0, last).await;
-    assert_eq!(db.logged_seat_events(schedule).await, events);
-    assert_one_terminal_event_each(&events, &expected);
-    assert_eq!(replayed_map(&events), snap);
-    db.assert_consistent().await;
-    let deadlocks = db.deadlocks_after_shutdown(vec![r1, r2]).await;
+    let deadlocks = assert_race_events(&db, [r1, r2], schedule, &expected).await;
     println!(
         "expiry (confirm vs cancel vs expiry): {n} races: confirm won {}, cancel won {}, expiry won {}, deadlocks {deadlocks}",
         counts[0], counts[1], counts[2]
@@ -566,12 +486,12 @@ async fn sweepers_on_three_replicas_release_each_hold_once() {
         Replica::spawn(&db, opts)
     );
     let replicas = [&r1, &r2, &r3];
-    let per_schedule = 30;
     let schedules = [
         r1.create_schedule(15, 4, &[]).await,
         r2.create_schedule(15, 4, &[]).await,
     ];
-    let tokens = join_all((0..per_schedule).map(|_| r1.guest())).await;
+    let tokens: [String; 30] = r1.guests().await;
+    let per_schedule = tokens.len();
 
     // Every user holds two seats on each schedule, spread over the replicas,
     // all at once: they expire together.
@@ -614,7 +534,7 @@ async fn sweepers_on_three_replicas_release_each_hold_once() {
     );
 
     let expected: Vec<(SeatSet, Winner)> = (0..per_schedule)
-        .map(|i| (set(&race_seats(i)), Winner::Expiry))
+        .map(|i| (set_of(&race_seats(i)), Winner::Expiry))
         .collect();
     let mut released = 0;
     for (k, schedule) in schedules.into_iter().enumerate() {
@@ -689,15 +609,15 @@ async fn takeover_racing_a_sweep_does_not_deadlock() {
     );
     let mut old = Vec::new();
     for (token, seat) in [(&p, (1, 1)), (&q, (1, 2))] {
-        let b = short.start(token, schedule, &[seat]).await;
-        assert_eq!(b.status, 201, "{}", b.body);
+        let b = short.hold(token, schedule, &[seat]).await;
         let id: uuid::Uuid = b.booking_id().parse().unwrap();
         old.push((id, seat, timestamp(&b.body["expiresAt"])));
     }
     // Overdue holds are taken over in booking-id order: `first` is met first.
     old.sort();
     let [(first_id, first_seat), (second_id, _)] = [(old[0].0, old[0].1), (old[1].0, old[1].1)];
-    sleep_until(old.iter().map(|o| o.2).max().unwrap() + chrono::TimeDelta::milliseconds(20)).await;
+    db.wait_clock_past(old.iter().map(|o| o.2).max().unwrap())
+        .await;
 
     let watcher = db.client().await;
     let sweeper = db.client().await;

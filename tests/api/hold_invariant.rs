@@ -12,7 +12,7 @@
 //! The tests and PostgreSQL share one machine, so the system clock here is
 //! the database clock that `expiresAt` is measured by.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -26,8 +26,6 @@ const USERS: usize = 4;
 const GRID: i64 = 3;
 const HOLD_SECONDS: i64 = 1;
 const CASES: u32 = 32;
-
-type SeatSet = BTreeSet<(i64, i64)>;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -168,10 +166,26 @@ enum Done {
     },
 }
 
+impl Done {
+    /// A start's user, requested seats, answer and window; None for a
+    /// confirm or cancel.
+    fn as_start(&self) -> Option<(usize, &SeatSet, &ApiResponse, Window)> {
+        match self {
+            Done::Start {
+                user,
+                requested,
+                resp,
+                w,
+            } => Some((*user, requested, resp, *w)),
+            Done::Change { .. } => None,
+        }
+    }
+}
+
 struct Ctx {
     r: Replica,
     db: TestDb,
-    tokens: Vec<String>,
+    tokens: [String; USERS],
 }
 
 async fn execute(ctx: &Ctx, model: &Model, schedule: i64, op: &Op) -> Option<Done> {
@@ -216,13 +230,7 @@ async fn execute(ctx: &Ctx, model: &Model, schedule: i64, op: &Op) -> Option<Don
 /// Checks that hold for every `start` answer, concurrent or not; records a
 /// granted booking.
 fn check_start(model: &mut Model, schedule: i64, done: &Done) {
-    let Done::Start {
-        user,
-        requested,
-        resp,
-        w,
-    } = done
-    else {
+    let Some((user, requested, resp, w)) = done.as_start() else {
         return;
     };
     match (resp.status, resp.body["code"].as_str()) {
@@ -239,14 +247,14 @@ fn check_start(model: &mut Model, schedule: i64, done: &Done) {
             );
             model.bookings.push(Booked {
                 id: resp.booking_id(),
-                user: *user,
+                user,
                 seats: requested.clone(),
                 expires_at,
-                granted: *w,
+                granted: w,
                 fate: Fate::Pending,
                 settled: None,
             });
-            model.latest[*user] = Some(model.bookings.len() - 1);
+            model.latest[user] = Some(model.bookings.len() - 1);
         }
         (409, Some("seats_taken")) => {
             resp.assert_problem(409, "seats_taken");
@@ -261,7 +269,7 @@ fn check_start(model: &mut Model, schedule: i64, done: &Done) {
                     model
                         .bookings
                         .iter()
-                        .any(|b| b.seats.contains(seat) && b.may_hold_during(*w)),
+                        .any(|b| b.seats.contains(seat) && b.may_hold_during(w)),
                     "{seat:?} reported taken but no booking could hold it: {}",
                     resp.body
                 );
@@ -271,9 +279,9 @@ fn check_start(model: &mut Model, schedule: i64, done: &Done) {
             resp.assert_problem(409, "booking_in_progress");
             let named = resp.body["bookingId"].as_str();
             assert!(
-                model.bookings.iter().any(|b| b.user == *user
+                model.bookings.iter().any(|b| b.user == user
                     && Some(b.id.as_str()) == named
-                    && b.may_be_pending_during(*w)),
+                    && b.may_be_pending_during(w)),
                 "booking_in_progress names no pending booking of this user: {}",
                 resp.body
             );
@@ -285,13 +293,7 @@ fn check_start(model: &mut Model, schedule: i64, done: &Done) {
 /// The stricter expectations of a `start` that ran alone, given the model
 /// as it was before it.
 fn check_start_alone(before: &Model, done: &Done) {
-    let Done::Start {
-        user,
-        requested,
-        resp,
-        w,
-    } = done
-    else {
+    let Some((user, requested, resp, w)) = done.as_start() else {
         return;
     };
     let held_where = |pred: &dyn Fn(&Booked) -> bool| -> SeatSet {
@@ -306,11 +308,11 @@ fn check_start_alone(before: &Model, done: &Done) {
             .copied()
             .collect()
     };
-    let surely_taken = held_where(&|b| b.surely_holds(*w));
-    let maybe_taken = held_where(&|b| b.expires_within(*w));
-    let mine = before.bookings.iter().filter(|b| b.user == *user);
-    let surely_busy = mine.clone().any(|b| b.surely_pending(*w));
-    let maybe_busy = mine.clone().any(|b| b.expires_within(*w));
+    let surely_taken = held_where(&|b| b.surely_holds(w));
+    let maybe_taken = held_where(&|b| b.expires_within(w));
+    let mine = before.bookings.iter().filter(|b| b.user == user);
+    let surely_busy = mine.clone().any(|b| b.surely_pending(w));
+    let maybe_busy = mine.clone().any(|b| b.expires_within(w));
     match (resp.status, resp.body["code"].as_str()) {
         (201, _) => assert!(
             surely_taken.is_empty() && !surely_busy,
@@ -551,9 +553,10 @@ async fn run_case(ctx: &Ctx, ops: Vec<Op>) {
                     .map(|b| b.expires_at)
                     .max();
                 if let Some(t) = last {
-                    if let Ok(d) = (t + TimeDelta::milliseconds(10) - Utc::now()).to_std() {
-                        tokio::time::sleep(d).await;
-                    }
+                    // By the database clock: the server decides expiry by it.
+                    ctx.db
+                        .wait_clock_past(t + TimeDelta::milliseconds(10))
+                        .await;
                 }
             }
             Op::Together(batch) => {
@@ -645,9 +648,7 @@ fn hold_invariant_over_random_operation_sequences() {
         .build()
         .unwrap();
     let ctx = rt.block_on(async {
-        let db = TestDb::create().await;
-        let r = Replica::spawn(
-            &db,
+        let (db, r) = TestDb::with_replica(
             ReplicaOpts::default()
                 .with("HOLD_SECONDS", HOLD_SECONDS)
                 // The production default: expired holds are often met by a
@@ -655,7 +656,7 @@ fn hold_invariant_over_random_operation_sequences() {
                 .with("SWEEP_INTERVAL_MS", 500),
         )
         .await;
-        let tokens = join_all((0..USERS).map(|_| r.guest())).await;
+        let tokens = r.guests().await;
         Ctx { r, db, tokens }
     });
     let mut runner = TestRunner::new(Config {

@@ -12,10 +12,6 @@ use tokio::sync::mpsc;
 
 use crate::helpers::*;
 
-fn stream_path(schedule: i64) -> String {
-    format!("/api/schedules/{schedule}/seats/stream")
-}
-
 async fn wait_metric(r: &Replica, name: &str, want: f64, timeout: Duration) -> Duration {
     let t = Instant::now();
     wait_for(&format!("{name} == {want}"), timeout, || async {
@@ -27,8 +23,7 @@ async fn wait_metric(r: &Replica, name: &str, want: f64, timeout: Duration) -> D
 
 #[tokio::test]
 async fn closed_clients_free_their_stream_and_channel() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1)).await;
+    let (_db, r) = TestDb::with_replica(ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1)).await;
     let s1 = r.create_schedule(10, 20, &[]).await;
     let s2 = r.create_schedule(10, 20, &[]).await;
     let base = r.metric("seatsync_sse_connections").await;
@@ -79,9 +74,7 @@ async fn closed_clients_free_their_stream_and_channel() {
 
 #[tokio::test]
 async fn connection_cap_refuses_with_503_and_retry_after_then_admits_again() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(
-        &db,
+    let (_db, r) = TestDb::with_replica(
         ReplicaOpts::default()
             .with("SSE_MAX_CONNECTIONS", 2)
             .with("HEARTBEAT_SECONDS", 1),
@@ -176,11 +169,8 @@ async fn tracked_stream(
                 Some(Err(e)) => return End::Broken(format!("{e:?}")),
                 Some(Ok(chunk)) => {
                     buf.push_str(&String::from_utf8_lossy(&chunk));
-                    while let Some(end) = buf.find("\n\n") {
-                        let block: String = buf.drain(..end + 2).collect();
-                        if let Some(f) = parse_sse_block(&block) {
-                            let _ = tx.send(f);
-                        }
+                    for f in take_frames(&mut buf) {
+                        let _ = tx.send(f);
                     }
                 }
             }
@@ -191,9 +181,8 @@ async fn tracked_stream(
 
 #[tokio::test]
 async fn sigterm_ends_streams_cleanly_and_clients_resume_elsewhere_missing_nothing() {
-    let db = TestDb::create().await;
     let opts = ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1);
-    let (mut a, b) = tokio::join!(Replica::spawn(&db, opts.clone()), Replica::spawn(&db, opts));
+    let (db, mut a, b) = TestDb::with_two_replicas(opts).await;
     let schedule = a.create_schedule(10, 20, &[]).await;
     let mut changes = ChangeScript::new();
     let mut client = SeatMapClient::snapshot_then_stream("client", &a, &a, schedule).await;
@@ -379,16 +368,8 @@ async fn read_raw_to_end(s: &mut TcpStream, timeout: Duration) -> (Vec<SseFrame>
             }
         }
     };
-    let text = String::from_utf8_lossy(&body);
-    let mut frames = Vec::new();
-    let mut text = &text[..];
-    while let Some(end) = text.find("\n\n") {
-        if let Some(f) = parse_sse_block(&text[..end + 2]) {
-            frames.push(f);
-        }
-        text = &text[end + 2..];
-    }
-    (frames, clean)
+    let mut text = String::from_utf8_lossy(&body).into_owned();
+    (take_frames(&mut text), clean)
 }
 
 /// Whether the kernel has an ESTABLISHED server-side socket from
@@ -415,8 +396,7 @@ async fn big_step(r: &Replica, token: &str, schedule: i64, half: i64) {
     let seats: Vec<(i64, i64)> = (1..=5)
         .flat_map(|row| (1..=10).map(move |col| (row + 5 * half, col)))
         .collect();
-    let resp = r.start(token, schedule, &seats).await;
-    assert_eq!(resp.status, 201, "{}", resp.body);
+    let resp = r.hold(token, schedule, &seats).await;
     assert_eq!(r.cancel(token, &resp.booking_id()).await.status, 200);
 }
 

@@ -48,15 +48,16 @@ fn local_ports(pid: u32) -> HashSet<u16> {
     ports
 }
 
-/// Terminates the listener backends of the test database; only those of
-/// `only` if given. Returns how many were terminated.
+/// Terminates the listener backends of database `db_name`; only those of
+/// the replica process `only` if given. Returns how many were terminated.
 async fn terminate_listeners(
-    db: &TestDb,
     pg: &tokio_postgres::Client,
-    only: Option<&Replica>,
+    db_name: &str,
+    only: Option<u32>,
 ) -> usize {
-    let ports = only.map(|r| local_ports(r.pid().expect("replica runs")));
-    let rows = pg.query(LISTENERS, &[&db.name]).await.unwrap();
+    // Read afresh each time: a listener that reconnects has a new port.
+    let ports = only.map(local_ports);
+    let rows = pg.query(LISTENERS, &[&db_name]).await.unwrap();
     let mut killed = 0;
     for row in rows {
         let pid: i32 = row.get(0);
@@ -80,37 +81,16 @@ async fn terminate_listeners(
 /// again within a few ms) until `stop` is set, so the replica's listener
 /// stays down while the test makes changes. Counts terminations.
 fn spawn_killer(
-    db_url: String,
+    pg: tokio_postgres::Client,
     db_name: String,
     replica_pid: Option<u32>,
     stop: Arc<AtomicBool>,
     killed: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let (pg, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls)
-            .await
-            .expect("killer connection");
-        tokio::spawn(conn);
         while !stop.load(Ordering::SeqCst) {
-            let ports = replica_pid.map(local_ports);
-            let rows = pg.query(LISTENERS, &[&db_name]).await.unwrap();
-            for row in rows {
-                let pid: i32 = row.get(0);
-                let port: Option<i32> = row.get(1);
-                if let Some(ports) = &ports {
-                    if !port.is_some_and(|p| ports.contains(&(p as u16))) {
-                        continue;
-                    }
-                }
-                let done: bool = pg
-                    .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-                    .await
-                    .unwrap()
-                    .get(0);
-                if done {
-                    killed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
+            let n = terminate_listeners(&pg, &db_name, replica_pid).await;
+            killed.fetch_add(n, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -127,9 +107,8 @@ async fn wait_ready_status(r: &Replica, want: u16, timeout: Duration) -> Duratio
 
 #[tokio::test]
 async fn listener_terminated_repeatedly_clients_converge_and_readiness_recovers() {
-    let db = TestDb::create().await;
     let opts = ReplicaOpts::default().with("HEARTBEAT_SECONDS", 1);
-    let (a, b) = tokio::join!(Replica::spawn(&db, opts.clone()), Replica::spawn(&db, opts));
+    let (db, a, b) = TestDb::with_two_replicas(opts).await;
     let schedule = a.create_schedule(10, 20, &[]).await;
     let pg = db.client().await;
     let mut changes = ChangeScript::new();
@@ -155,12 +134,13 @@ async fn listener_terminated_repeatedly_clients_converge_and_readiness_recovers(
         let reconnects_b = b.metric("seatsync_listener_reconnects_total").await;
         let stop = Arc::new(AtomicBool::new(false));
         let killed = Arc::new(AtomicUsize::new(0));
-        let first = terminate_listeners(&db, &pg, only_a.then_some(&a)).await;
+        let only = only_a.then(|| a.pid().expect("replica runs"));
+        let first = terminate_listeners(&pg, &db.name, only).await;
         assert_eq!(first, if only_a { 1 } else { 2 }, "round {round}");
         let killer = spawn_killer(
-            db.url.clone(),
+            db.client().await,
             db.name.clone(),
-            if only_a { a.pid() } else { None },
+            only,
             stop.clone(),
             killed.clone(),
         );

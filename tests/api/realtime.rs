@@ -11,14 +11,6 @@ use crate::helpers::*;
 /// Upper bound the brief sets for a change to reach a subscriber.
 const MAX_LATENCY: Duration = Duration::from_secs(1);
 
-async fn two_replicas(db: &TestDb, opts: ReplicaOpts) -> (Replica, Replica) {
-    tokio::join!(Replica::spawn(db, opts.clone()), Replica::spawn(db, opts))
-}
-
-fn stream_path(schedule: i64) -> String {
-    format!("/api/schedules/{schedule}/seats/stream")
-}
-
 fn event(id: i64, action: &str, seats: &[(i64, i64)]) -> SseFrame {
     let mut seats = seats.to_vec();
     seats.sort();
@@ -40,11 +32,10 @@ async fn next_event_timed(sse: &mut SseClient, since: Instant) -> (SseFrame, Dur
 
 #[tokio::test]
 async fn changes_on_one_replica_reach_subscribers_on_another_within_a_second() {
-    let db = TestDb::create().await;
     let opts = ReplicaOpts::default()
         .with("HOLD_SECONDS", 1)
         .with("HEARTBEAT_SECONDS", 1);
-    let (a, b) = two_replicas(&db, opts).await;
+    let (db, a, b) = TestDb::with_two_replicas(opts).await;
     let schedule = a.create_schedule(5, 8, &[]).await;
 
     let mut on_b = b.stream(schedule, None).await;
@@ -73,8 +64,7 @@ async fn changes_on_one_replica_reach_subscribers_on_another_within_a_second() {
 
     // 1: OCCUPIED
     let t = Instant::now();
-    let r = a.start(&u1, schedule, &[(1, 1), (1, 2)]).await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = a.hold(&u1, schedule, &[(1, 1), (1, 2)]).await;
     let booking1 = r.booking_id();
     let (f, lat) = next_event_timed(&mut on_b, t).await;
     assert_eq!(f, event(1, "OCCUPIED", &[(1, 1), (1, 2)]));
@@ -88,8 +78,7 @@ async fn changes_on_one_replica_reach_subscribers_on_another_within_a_second() {
     latencies.push(("CONFIRMED", lat));
 
     // 3, 4: OCCUPIED then RELEASED by cancel
-    let r = a.start(&u2, schedule, &[(2, 3)]).await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = a.hold(&u2, schedule, &[(2, 3)]).await;
     let booking2 = r.booking_id();
     let (f, _) = next_event_timed(&mut on_b, Instant::now()).await;
     assert_eq!(f, event(3, "OCCUPIED", &[(2, 3)]));
@@ -101,8 +90,7 @@ async fn changes_on_one_replica_reach_subscribers_on_another_within_a_second() {
 
     // 5, 6: OCCUPIED then RELEASED by expiry (HOLD_SECONDS=1), measured
     // from the hold's expiresAt (same host clock as the database).
-    let r = a.start(&u3, schedule, &[(3, 4), (3, 5), (4, 4)]).await;
-    assert_eq!(r.status, 201, "{}", r.body);
+    let r = a.hold(&u3, schedule, &[(3, 4), (3, 5), (4, 4)]).await;
     let expires_at = timestamp(&r.body["expiresAt"]);
     let (f, _) = next_event_timed(&mut on_b, Instant::now()).await;
     assert_eq!(f, event(5, "OCCUPIED", &[(3, 4), (3, 5), (4, 4)]));
@@ -156,8 +144,7 @@ async fn changes_on_one_replica_reach_subscribers_on_another_within_a_second() {
 
 #[tokio::test]
 async fn unknown_schedule_is_a_404_problem_before_any_stream() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (_db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let resp = r.get(&stream_path(987_654), None).await;
     resp.assert_problem(404, "schedule_not_found");
     let resp = r
@@ -179,8 +166,7 @@ async fn unknown_schedule_is_a_404_problem_before_any_stream() {
 
 #[tokio::test]
 async fn resuming_replays_exactly_the_missed_events_then_goes_live() {
-    let db = TestDb::create().await;
-    let (a, b) = two_replicas(&db, ReplicaOpts::default()).await;
+    let (_db, a, b) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
     let schedule = a.create_schedule(10, 20, &[]).await;
     // Connected throughout: the reference sequence.
     let mut reference = a.subscribe(schedule, None).await;
@@ -242,8 +228,7 @@ async fn resuming_replays_exactly_the_missed_events_then_goes_live() {
 
 #[tokio::test]
 async fn a_position_ahead_of_the_log_or_not_a_number_resyncs_then_goes_live() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (_db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(10, 20, &[]).await;
     let mut script = ChangeScript::new();
     script.step(&r, schedule).await;
@@ -297,21 +282,12 @@ async fn resuming_from_before_the_retained_window_resyncs() {
     for _ in 0..3 {
         script.step(&r, schedule).await;
     }
-    let pg = db.client().await;
-    wait_for(
+    db.wait_count(
         "events 1..=3 pruned from seat_events",
         Duration::from_secs(10),
-        || async {
-            let n: i64 = pg
-                .query_one(
-                    "SELECT count(*) FROM seat_events WHERE schedule_id = $1 AND event_id <= 3",
-                    &[&schedule],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n == 0).then_some(())
-        },
+        "SELECT count(*) FROM seat_events WHERE schedule_id = $1 AND event_id <= 3",
+        &[&schedule],
+        0,
     )
     .await;
 
@@ -419,9 +395,8 @@ async fn storm_worker(
 
 #[tokio::test]
 async fn storm_on_two_replicas_every_subscriber_converges_to_the_snapshot() {
-    let db = TestDb::create().await;
     let opts = ReplicaOpts::default().with("HOLD_SECONDS", 1);
-    let (a, b) = two_replicas(&db, opts).await;
+    let (db, a, b) = TestDb::with_two_replicas(opts).await;
     let (a, b) = (Arc::new(a), Arc::new(b));
     let schedule = a.create_schedule(ROWS, COLS, &[]).await;
 

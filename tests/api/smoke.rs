@@ -4,8 +4,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn hold_confirm_and_see_it_live() {
-    let db = TestDb::create().await;
-    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let (db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
     let schedule = r.create_schedule(5, 5, &[]).await;
     let mut sse = r.stream(schedule, None).await;
     assert_eq!(
@@ -13,8 +12,7 @@ async fn hold_confirm_and_see_it_live() {
         Some(SseFrame::Retry(3000))
     );
     let token = r.guest().await;
-    let b = r.start(&token, schedule, &[(1, 1), (1, 2)]).await;
-    assert_eq!(b.status, 201, "{}", b.body);
+    let b = r.hold(&token, schedule, &[(1, 1), (1, 2)]).await;
     let id = b.booking_id();
     assert_eq!(r.confirm(&token, &id).await.status, 200);
     match sse.next_event(Duration::from_secs(2)).await {

@@ -1,0 +1,61 @@
+//! Shared test plumbing: per-test databases (`db`), replica processes and
+//! the HTTP contract (`replica`), an SSE reader (`sse`), and seat maps
+//! kept the way the page keeps them (`seat_map`).
+
+mod db;
+mod replica;
+mod seat_map;
+mod sse;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub use db::*;
+pub use replica::*;
+pub use seat_map::*;
+pub use sse::*;
+
+/// Polls `check` until it returns `Some`, or panics with `what` at the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Seats as (row, col), in an order of their own: requests and answers
+/// may list them in any order.
+pub type SeatSet = BTreeSet<(i64, i64)>;
+
+pub fn set_of(seats: &[(i64, i64)]) -> SeatSet {
+    seats.iter().copied().collect()
+}
+
+/// A JSON seat list as a set of (row, col).
+pub fn seat_set(v: &Value) -> SeatSet {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a seat list: {v}"))
+        .iter()
+        .map(|s| (s["row"].as_i64().unwrap(), s["col"].as_i64().unwrap()))
+        .collect()
+}
+
+/// An RFC 3339 timestamp from a response.
+pub fn timestamp(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_else(|| panic!("not a time: {v}")))
+        .unwrap_or_else(|e| panic!("not RFC 3339: {v}: {e}"))
+        .with_timezone(&chrono::Utc)
+}
