@@ -3,12 +3,11 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use chrono::{Duration as ChronoDuration, Utc};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rand::RngExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -61,25 +60,6 @@ pub struct Application {
     config: Config,
     embedded: Option<EmbeddedPostgres>,
     database_url: String,
-}
-
-/// Seconds, from a fast answer to a slow one under a ticket drop.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-fn metrics_handle() -> Option<PrometheusHandle> {
-    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            // Histograms, not summaries: buckets add up across replicas.
-            PrometheusBuilder::new()
-                .set_buckets(LATENCY_BUCKETS)
-                .ok()?
-                .install_recorder()
-                .ok()
-        })
-        .clone()
 }
 
 fn random_secret() -> String {
@@ -160,7 +140,7 @@ impl Application {
             listener_ready: Arc::new(AtomicBool::new(false)),
             sse_connections: Arc::new(AtomicUsize::new(0)),
             shutdown,
-            metrics: metrics_handle(),
+            metrics: crate::telemetry::metrics_recorder(),
         };
         if config.sweep_interval_ms > 1_500 {
             tracing::warn!(
