@@ -159,6 +159,12 @@ pub struct Tx<'a> {
 }
 
 impl Tx<'_> {
+    /// Statements without parameters (savepoints), by the simple query
+    /// protocol: nothing named is left on the connection.
+    pub async fn batch(&self, sql: &str) -> Result<(), DbError> {
+        Ok(self.tx.batch_execute(sql).await?)
+    }
+
     pub async fn commit(self) -> Result<(), DbError> {
         Ok(self.tx.commit().await?)
     }

@@ -4,10 +4,12 @@
 //! PostgreSQL implementation lives in [`postgres`], and a Redis one could
 //! take its place without the handlers noticing.
 
+pub mod allocate;
 pub mod postgres;
 pub mod sweeper;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -78,25 +80,42 @@ pub struct SeatSnapshot {
     pub seats: Vec<SeatState>,
 }
 
+/// Which seats a start asks for.
+#[derive(Debug, Clone)]
+pub enum SeatChoice {
+    /// These seats. Sorted and free of duplicates: every transaction
+    /// inserts seats in the same order, so overlapping holds wait on each
+    /// other instead of deadlocking.
+    Seats(Vec<Seat>),
+    /// The best block of `quantity` adjacent free seats of one row
+    /// (see [`allocate`]), chosen when the transaction decides.
+    BestAvailable {
+        quantity: u16,
+        schedule: Arc<Schedule>,
+    },
+}
+
 /// A request to hold seats, already checked against the schedule.
 #[derive(Debug, Clone)]
 pub struct HoldRequest {
     pub user_id: Uuid,
     pub schedule_id: i64,
-    /// Sorted and free of duplicates: every transaction inserts seats in the
-    /// same order, so overlapping holds wait on each other instead of
-    /// deadlocking.
-    pub seats: Vec<Seat>,
+    pub choice: SeatChoice,
     pub idempotency_key: Option<String>,
 }
 
 impl HoldRequest {
     /// What makes two requests "the same body" for `Idempotency-Key`: the
-    /// schedule and the set of seats, in any order.
+    /// schedule and the set of seats, in any order, or the party size.
     pub fn fingerprint(&self) -> String {
         let mut out = format!("{}:", self.schedule_id);
-        for s in &self.seats {
-            out.push_str(&format!("{}.{};", s.row, s.col));
+        match &self.choice {
+            SeatChoice::Seats(seats) => {
+                for s in seats {
+                    out.push_str(&format!("{}.{};", s.row, s.col));
+                }
+            }
+            SeatChoice::BestAvailable { quantity, .. } => out.push_str(&format!("best:{quantity}")),
         }
         out
     }
@@ -121,6 +140,10 @@ pub enum HoldError {
     ScheduleNotFound(i64),
     #[error("{} of the requested seats are already held or sold", .0.len())]
     SeatsTaken(Vec<Seat>),
+    #[error(
+        "no {quantity} adjacent seats are free in any row; the longest free run is {largest_block}"
+    )]
+    NoSeatsTogether { quantity: u16, largest_block: u16 },
     #[error("you already have a pending booking {0} for this schedule")]
     BookingInProgress(Uuid),
     #[error("this Idempotency-Key was used for a different request")]
@@ -158,6 +181,19 @@ pub trait SeatStore: Send + Sync + 'static {
     async fn release_expired(&self, limit: i64) -> Result<usize, HoldError>;
     /// Held and sold seats with the last event id they reflect.
     async fn seat_snapshot(&self, schedule_id: i64) -> Result<SeatSnapshot, HoldError>;
+}
+
+/// Checks a best-available party size: an integer in 1..=`max_seats`. A
+/// size longer than any row is valid (it gets `NoSeatsTogether`).
+pub fn validate_quantity(quantity: &serde_json::Value, max_seats: u16) -> Result<u16, HoldError> {
+    quantity
+        .as_i64()
+        .filter(|q| (1..=i64::from(max_seats)).contains(q))
+        .and_then(|q| u16::try_from(q).ok())
+        .ok_or_else(|| HoldError::InvalidRequest {
+            field: "quantity".into(),
+            reason: format!("must be an integer in 1..={max_seats}, got {quantity}"),
+        })
 }
 
 /// Checks a hold request against the schedule and returns the seats sorted.

@@ -17,12 +17,14 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::allocate::{best_blocks, FreeMap};
 use super::{
-    Booking, BookingStatus, HoldError, HoldOutcome, HoldRequest, SeatSnapshot, SeatState, SeatStore,
+    Booking, BookingStatus, HoldError, HoldOutcome, HoldRequest, SeatChoice, SeatSnapshot,
+    SeatState, SeatStore,
 };
 use crate::db::{Db, DbError, Sql, Statements, Tx};
 use crate::events::{SeatAction, NOTIFY_CHANNEL};
-use crate::schedules::Seat;
+use crate::schedules::{Schedule, Seat};
 
 const INSERT_BOOKING: Sql = Sql {
     text: "INSERT INTO bookings \
@@ -89,6 +91,29 @@ const LOCK_USER: Sql = Sql {
 /// First key of every per-user lock, so other two-integer advisory locks
 /// (of this or any other application on the database) keep out of its way.
 const USER_LOCK_CLASS: i32 = 0x5ea7_0001;
+
+/// First key of the per-show lock that best-available starts take turns on.
+const SHOW_LOCK_CLASS: i32 = 0x5ea7_0002;
+
+/// Second key of a show's lock; a collision only makes two shows' best
+/// available starts take turns.
+fn show_lock_key(schedule_id: i64) -> i32 {
+    ((schedule_id >> 32) ^ schedule_id) as i32
+}
+
+/// Every held or sold seat of a show, with its holder and whether the hold
+/// is overdue (free by the contract, not swept yet).
+const SHOW_SEATS: Sql = Sql {
+    text: "SELECT row_num, col_num, booking_id, \
+       (status = 'OCCUPIED' AND expires_at <= clock_timestamp()) AS overdue \
+     FROM schedule_seat_status WHERE schedule_id = $1",
+    types: &[Type::INT8],
+};
+
+/// Candidates tried per read of the show's seats; only a start naming its
+/// seats can take one first, so a second read is rarely needed.
+const CANDIDATES_PER_ROUND: usize = 4;
+const BEST_AVAILABLE_ROUNDS: usize = 3;
 
 /// Second key of a user's lock. A collision between two users only
 /// serializes their starts.
@@ -430,15 +455,51 @@ async fn hold_attempt(
         return Ok(decision);
     }
 
+    let seats = match &req.choice {
+        SeatChoice::Seats(seats) => seats,
+        SeatChoice::BestAvailable { quantity, schedule } => {
+            return best_available(tx, req, schedule, *quantity, hold_seconds, events).await;
+        }
+    };
     // Who holds the seats, before anything is written: a live hold means
     // 409 at once, and a transaction only ever writes seat rows once every
     // holder in its way is resolved. Otherwise it could hold some seats
     // while waiting on a seat row that a concurrent takeover is deleting,
     // and deadlock with it.
-    if let Some(decision) = seat_holders(tx, req, &req.seats).await?.decision() {
+    if let Some(decision) = seat_holders(tx, req, seats).await?.decision() {
         return Ok(decision);
     }
+    match insert_hold(tx, req, seats, hold_seconds, events).await? {
+        Inserted::Decided(decision) => Ok(decision),
+        Inserted::Lost(missing) => {
+            if let Some(decision) = seat_holders(tx, req, &missing).await?.decision() {
+                return Ok(decision);
+            }
+            // The holder ended between our insert and our look; inserting
+            // again here would wait for seats out of order.
+            Err(DbError::Contended("a seat changed hands during the hold"))
+        }
+    }
+}
 
+/// What inserting a hold came to.
+enum Inserted {
+    /// Held (commit), or refused by a unique index on the booking.
+    Decided(Decision<HoldOutcome>),
+    /// These seats went to a concurrent hold first; whatever was inserted
+    /// is still in the transaction.
+    Lost(Vec<Seat>),
+}
+
+/// Inserts the booking and its seats (sorted), queueing the `OCCUPIED`
+/// event when every seat was held.
+async fn insert_hold(
+    tx: &Tx<'_>,
+    req: &HoldRequest,
+    seats: &[Seat],
+    hold_seconds: i32,
+    events: &mut EventBatch,
+) -> Result<Inserted, DbError> {
     let booking_id = Uuid::new_v4();
     let fingerprint = req.fingerprint();
     let inserted = tx
@@ -448,7 +509,7 @@ async fn hold_attempt(
                 &booking_id,
                 &req.schedule_id,
                 &req.user_id,
-                &Json(&req.seats),
+                &Json(seats),
                 &hold_seconds,
                 &req.idempotency_key,
                 &fingerprint,
@@ -463,15 +524,17 @@ async fn hold_attempt(
         {
             let existing: Uuid = row.try_get(0)?;
             if row.try_get::<_, bool>(1)? {
-                return Ok(Decision::ExpireFirst(vec![existing]));
+                return Ok(Inserted::Decided(Decision::ExpireFirst(vec![existing])));
             }
             if let Some(decision) = decide_by_key(tx, req).await? {
-                return Ok(decision);
+                return Ok(Inserted::Decided(decision));
             }
-            return Ok(Decision::Refuse(HoldError::BookingInProgress(existing)));
+            return Ok(Inserted::Decided(Decision::Refuse(
+                HoldError::BookingInProgress(existing),
+            )));
         }
         if let Some(decision) = decide_by_key(tx, req).await? {
-            return Ok(decision);
+            return Ok(Inserted::Decided(decision));
         }
         // The conflicting booking ended after the insert saw it.
         return Err(DbError::Contended(
@@ -480,15 +543,15 @@ async fn hold_attempt(
     };
     let expires_at: DateTime<Utc> = row.try_get(0)?;
 
-    let (rows, cols) = seat_arrays(&req.seats);
+    let (rows, cols) = seat_arrays(seats);
     let inserted = tx
         .query(
             &INSERT_SEATS,
             &[&req.schedule_id, &booking_id, &expires_at, &rows, &cols],
         )
         .await?;
-    if inserted.len() < req.seats.len() {
-        let mut missing = req.seats.clone();
+    if inserted.len() < seats.len() {
+        let mut missing = seats.to_vec();
         for row in &inserted {
             let seat = Seat {
                 row: row.try_get(0)?,
@@ -496,26 +559,95 @@ async fn hold_attempt(
             };
             missing.retain(|s| *s != seat);
         }
-        if let Some(decision) = seat_holders(tx, req, &missing).await?.decision() {
-            return Ok(decision);
-        }
-        // The holder ended between our insert and our look; inserting
-        // again here would wait for seats out of order.
-        return Err(DbError::Contended("a seat changed hands during the hold"));
+        return Ok(Inserted::Lost(missing));
     }
 
-    events.push(req.schedule_id, SeatAction::Occupied, req.seats.clone());
-    Ok(Decision::Commit(Ok(HoldOutcome {
+    events.push(req.schedule_id, SeatAction::Occupied, seats.to_vec());
+    Ok(Inserted::Decided(Decision::Commit(Ok(HoldOutcome {
         booking: Booking {
             id: booking_id,
             schedule_id: req.schedule_id,
             user_id: req.user_id,
             status: BookingStatus::Pending,
-            seats: req.seats.clone(),
+            seats: seats.to_vec(),
             expires_at,
         },
         replayed: false,
-    })))
+    }))))
+}
+
+/// Holds the best free block of `quantity` seats (see [`allocate`]).
+///
+/// Best-available starts of one show take turns on a per-show advisory
+/// lock (after the booking rows, before any seat row, in the lock order),
+/// so they never aim at the same block: each reads what is taken after the
+/// one before it committed. Its commit comes right after, and the show's
+/// event counter serializes commits anyway, so the turn costs little. A
+/// start that names its seats can still win a candidate first: the unique
+/// index decides, the candidate's inserts are rolled back to a savepoint
+/// (which also releases their row locks, so no lock is held out of order)
+/// and the next candidate is tried.
+async fn best_available(
+    tx: &Tx<'_>,
+    req: &HoldRequest,
+    schedule: &Schedule,
+    quantity: u16,
+    hold_seconds: i32,
+    events: &mut EventBatch,
+) -> Result<Decision<HoldOutcome>, DbError> {
+    tx.query(
+        &LOCK_USER,
+        &[&SHOW_LOCK_CLASS, &show_lock_key(req.schedule_id)],
+    )
+    .await?;
+    for _round in 0..BEST_AVAILABLE_ROUNDS {
+        // Read committed: each read sees every hold committed before it.
+        let taken = tx.query(&SHOW_SEATS, &[&req.schedule_id]).await?;
+        let mut unavailable = schedule.blocked.clone();
+        let mut overdue = Vec::new();
+        for row in &taken {
+            let seat = Seat {
+                row: row.try_get(0)?,
+                col: row.try_get(1)?,
+            };
+            if row.try_get::<_, bool>(3)? {
+                // Free by the contract: released first if chosen.
+                overdue.push((seat, row.try_get::<_, Uuid>(2)?));
+            } else {
+                unavailable.push(seat);
+            }
+        }
+        let grid = schedule.grid();
+        let map = FreeMap::new(grid.rows as i16, grid.cols as i16, unavailable);
+        let candidates = best_blocks(&map, quantity, CANDIDATES_PER_ROUND);
+        if candidates.is_empty() {
+            return Ok(Decision::Refuse(HoldError::NoSeatsTogether {
+                quantity,
+                largest_block: map.largest_block(),
+            }));
+        }
+        for block in candidates {
+            let seats = block.seats();
+            let mut in_the_way: Vec<Uuid> = overdue
+                .iter()
+                .filter(|(seat, _)| seats.contains(seat))
+                .map(|(_, booking)| *booking)
+                .collect();
+            if !in_the_way.is_empty() {
+                in_the_way.sort();
+                in_the_way.dedup();
+                return Ok(Decision::ExpireFirst(in_the_way));
+            }
+            tx.batch("SAVEPOINT candidate").await?;
+            match insert_hold(tx, req, &seats, hold_seconds, events).await? {
+                Inserted::Decided(decision) => return Ok(decision),
+                Inserted::Lost(_) => tx.batch("ROLLBACK TO SAVEPOINT candidate").await?,
+            }
+        }
+    }
+    Err(DbError::Contended(
+        "every best-available candidate was taken first",
+    ))
 }
 
 /// Which terminal transition a pending booking is asked to make.

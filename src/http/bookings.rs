@@ -13,7 +13,9 @@ use super::auth::User;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, BookingIdPath};
 use super::AppState;
-use crate::holds::{validate_seats, Booking, BookingStatus, HoldError, HoldRequest};
+use crate::holds::{
+    validate_quantity, validate_seats, Booking, BookingStatus, HoldError, HoldRequest, SeatChoice,
+};
 use crate::schedules::{RequestedSeat, Seat};
 
 pub fn router() -> Router<AppState> {
@@ -24,12 +26,29 @@ pub fn router() -> Router<AppState> {
         .route("/api/bookings/{id}/cancel", post(cancel_booking))
 }
 
+/// Exactly one of `seats` and `quantity`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StartBookingRequest {
     pub schedule_id: i64,
     /// 1..=maxSeatsPerBooking distinct, bookable seats.
-    pub seats: Vec<RequestedSeat>,
+    #[serde(default, deserialize_with = "present")]
+    pub seats: Option<Vec<RequestedSeat>>,
+    /// Best available: hold this many adjacent free seats of one row,
+    /// chosen by the server (1..=maxSeatsPerBooking).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u16>, minimum = 1)]
+    pub quantity: Option<serde_json::Value>,
+}
+
+/// A member that is there, even as `null`: absent and `null` are not the
+/// same request (a `null` quantity is a wrong type, not a missing one).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -85,7 +104,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 409, body = Problem, content_type = "application/problem+json",
-         description = "seats_taken (with `seats`), booking_in_progress (with `bookingId`) or idempotency_key_reused"),
+         description = "seats_taken (with `seats`), no_seats_together (with `largestBlock`), booking_in_progress (with `bookingId`) or idempotency_key_reused"),
         (status = 413, body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn start_booking(
@@ -106,11 +125,30 @@ pub async fn start_booking(
         .get(req.schedule_id)
         .await?
         .ok_or(ApiError::ScheduleNotFound(req.schedule_id))?;
-    let seats = validate_seats(&schedule, &req.seats, state.limits.max_seats_per_booking)?;
+    let max = state.limits.max_seats_per_booking;
+    let choice = match (req.seats, req.quantity) {
+        (Some(seats), None) => SeatChoice::Seats(validate_seats(&schedule, &seats, max)?),
+        (None, Some(quantity)) => SeatChoice::BestAvailable {
+            quantity: validate_quantity(&quantity, max)?,
+            schedule: schedule.clone(),
+        },
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "quantity",
+                "send either seats or quantity, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "seats",
+                "seats (or quantity, for best available) is required",
+            ))
+        }
+    };
     let request = HoldRequest {
         user_id,
         schedule_id: schedule.id,
-        seats,
+        choice,
         idempotency_key,
     };
     let result = state
@@ -121,12 +159,13 @@ pub async fn start_booking(
         Ok(o) if o.replayed => "replayed",
         Ok(_) => "held",
         Err(HoldError::SeatsTaken(_)) => "seats_taken",
+        Err(HoldError::NoSeatsTogether { .. }) => "no_seats_together",
         Err(_) => "refused",
     };
     metrics::counter!("seatsync_booking_starts_total", "outcome" => label).increment(1);
     match label {
         "held" => metrics::counter!("seatsync_holds_total", "outcome" => "started").increment(1),
-        "seats_taken" => {
+        "seats_taken" | "no_seats_together" => {
             metrics::counter!("seatsync_holds_total", "outcome" => "conflicted").increment(1)
         }
         _ => {}

@@ -89,6 +89,11 @@ impl ApiError {
             ApiError::Hold(H::SeatsTaken(_)) => {
                 (StatusCode::CONFLICT, "seats_taken", "Seats taken")
             }
+            ApiError::Hold(H::NoSeatsTogether { .. }) => (
+                StatusCode::CONFLICT,
+                "no_seats_together",
+                "No seats together",
+            ),
             ApiError::Hold(H::BookingInProgress(_)) => (
                 StatusCode::CONFLICT,
                 "booking_in_progress",
@@ -155,6 +160,7 @@ impl ApiError {
             field: None,
             seats: None,
             booking_id: None,
+            largest_block: None,
         };
         match self {
             ApiError::InvalidRequest { field, .. } => problem.field = field.clone(),
@@ -162,6 +168,9 @@ impl ApiError {
                 problem.field = Some(field.clone())
             }
             ApiError::Hold(HoldError::SeatsTaken(seats)) => problem.seats = Some(seats.clone()),
+            ApiError::Hold(HoldError::NoSeatsTogether { largest_block, .. }) => {
+                problem.largest_block = Some(*largest_block)
+            }
             ApiError::Hold(HoldError::BookingInProgress(id)) => problem.booking_id = Some(*id),
             _ => {}
         }
@@ -254,4 +263,8 @@ pub struct Problem {
     /// For `booking_in_progress`: the user's pending booking.
     #[serde(skip_serializing_if = "Option::is_none")]
     booking_id: Option<Uuid>,
+    /// For `no_seats_together`: the longest run of adjacent free seats in
+    /// any row right now (0 when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    largest_block: Option<u16>,
 }
