@@ -6,6 +6,7 @@
 //! sure one is running.
 
 mod bad_inputs;
+mod best_available;
 mod bookings;
 mod concurrency;
 mod config;
