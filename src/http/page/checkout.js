@@ -25,7 +25,8 @@ function clockSkew(date, received) {
 }
 
 export class Checkout {
-  constructor({ scheduleId, store, ui, say }) {
+  constructor({ scheduleId, store, ui, say, focusGrid = () => {} }) {
+    this.focusGrid = focusGrid;
     this.scheduleId = scheduleId;
     this.store = store;
     this.ui = ui; // { pay, confirm, cancel, choose, payment, heldSeats, countdown }
@@ -74,7 +75,9 @@ export class Checkout {
     }
     this.busy = true;
     this.inflight = new Set(seats.map((s) => `${s.row}:${s.col}`));
-    this.ui.pay.disabled = true;
+    // aria-disabled, not disabled: a disabled button loses keyboard focus,
+    // and after a 409 the user wants to press Pay again from where they are.
+    this.ui.pay.setAttribute("aria-disabled", "true");
     // One key per attempt: the retries inside request() reuse it, so a lost
     // response never makes a second booking.
     const key = attemptKey();
@@ -157,10 +160,12 @@ export class Checkout {
     sessionStorage.setItem(this.storageKey, booking.bookingId);
     this.store.setMine(booking.seats);
     this.ui.heldSeats.textContent = seatList(booking.seats);
+    // Keyboard users were on Pay, which is about to disappear: take them
+    // to the next step instead of dropping focus on the page body.
+    const fromPay = document.activeElement === this.ui.pay || document.activeElement === document.body;
     this.ui.choose.hidden = true;
     this.ui.payment.hidden = false;
-    this.ui.confirm.disabled = false;
-    this.ui.cancel.disabled = false;
+    if (fromPay) this.ui.confirm.focus();
     this.tick();
     clearInterval(this.timer);
     this.timer = setInterval(() => this.tick(), 250);
@@ -180,9 +185,11 @@ export class Checkout {
     this.booking = null;
     this.forget();
     this.store.clearMine();
+    const hadFocus = this.ui.payment.contains(document.activeElement);
     this.ui.payment.hidden = true;
     this.ui.choose.hidden = false;
     this.refreshPay();
+    if (hadFocus) this.focusGrid();
     if (message) this.say(message);
   }
 
@@ -191,15 +198,17 @@ export class Checkout {
   }
 
   refreshPay() {
-    this.ui.pay.disabled = this.busy || this.booking !== null || this.store.selected.size === 0;
+    this.ui.pay.disabled = this.booking !== null || this.store.selected.size === 0;
+    if (this.busy) this.ui.pay.setAttribute("aria-disabled", "true");
+    else this.ui.pay.removeAttribute("aria-disabled");
   }
 
   async confirm() {
     const b = this.booking;
     if (!b || this.busy) return;
+    // Busy, not disabled: disabling the focused button would drop keyboard
+    // focus on the page body.
     this.busy = true;
-    this.ui.confirm.disabled = true;
-    this.ui.cancel.disabled = true;
     this.say("Completing the payment…");
     try {
       const token = await guestToken({ onRetry: this.retrying });
@@ -213,8 +222,6 @@ export class Checkout {
       } else if (e instanceof ApiProblem && e.status === 404) {
         this.finish("This booking no longer exists, so nothing was charged.");
       } else {
-        this.ui.confirm.disabled = false;
-        this.ui.cancel.disabled = false;
         this.say(e instanceof NetworkFailure ? `${UNREACHABLE} Your seats stay held until the time runs out.` : "The payment could not be completed just now. Your seats stay held; please try again.");
       }
     } finally {
@@ -225,9 +232,9 @@ export class Checkout {
   async cancel() {
     const b = this.booking;
     if (!b || this.busy) return;
+    // Busy, not disabled: disabling the focused button would drop keyboard
+    // focus on the page body.
     this.busy = true;
-    this.ui.confirm.disabled = true;
-    this.ui.cancel.disabled = true;
     this.say("Cancelling…");
     try {
       const token = await guestToken({ onRetry: this.retrying });
@@ -241,8 +248,6 @@ export class Checkout {
       } else if (e instanceof ApiProblem && e.status === 404) {
         this.finish("This booking no longer exists.");
       } else {
-        this.ui.confirm.disabled = false;
-        this.ui.cancel.disabled = false;
         this.say(e instanceof NetworkFailure ? UNREACHABLE : "The booking could not be cancelled just now; please try again.");
       }
     } finally {

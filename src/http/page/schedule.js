@@ -55,7 +55,8 @@ async function main() {
     heldSeats: $("held-seats"),
     countdown: $("countdown"),
   };
-  const checkout = new Checkout({ scheduleId, store, ui, say });
+  let grid = null;
+  const checkout = new Checkout({ scheduleId, store, ui, say, focusGrid: () => grid && grid.focusActive() });
 
   const summary = $("summary");
   const chosen = $("chosen");
@@ -76,7 +77,7 @@ async function main() {
     }
   });
 
-  const grid = new SeatGrid($("grid"), store, {
+  grid = new SeatGrid($("grid"), store, {
     onActivate(i) {
       if (checkout.booking) {
         say("Finish or cancel the payment for your held seats before choosing more.");

@@ -70,6 +70,11 @@ export class SeatGrid {
       if (e.target.seatIndex !== undefined) this.setActive(e.target.seatIndex, false);
     });
     performance.measure("seatsync:draw", { start: t0, end: performance.now() });
+    // Style, layout and paint of the new grid happen after this script; the
+    // task after the next frame marks when the full grid was on screen.
+    requestAnimationFrame(() =>
+      setTimeout(() => performance.measure("seatsync:drawn", { start: t0, end: performance.now() }), 0),
+    );
   }
 
   firstFree() {
@@ -110,6 +115,11 @@ export class SeatGrid {
     const b = this.buttons[i];
     b.tabIndex = 0;
     if (focus) b.focus();
+  }
+
+  focusActive() {
+    const b = this.buttons[this.active];
+    if (b) b.focus();
   }
 
   key(e) {
