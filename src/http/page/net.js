@@ -54,11 +54,18 @@ export async function request(path, { method = "GET", token, body, headers = {},
     }
     const received = Date.now();
     let json = null;
-    if ((response.headers.get("content-type") || "").includes("json")) {
-      try {
-        json = await response.json();
-      } catch {
-        json = null;
+    try {
+      const text = await response.text();
+      if ((response.headers.get("content-type") || "").includes("json")) json = JSON.parse(text);
+    } catch (e) {
+      // A body cut off in transit is a network failure like any other: the
+      // request is sent again (same Idempotency-Key), not misread.
+      if (!(e instanceof SyntaxError)) {
+        if (attempt + 1 >= MAX_ATTEMPTS) throw new NetworkFailure(String(e));
+        const delay = backoff(attempt);
+        if (onRetry) onRetry(delay, null);
+        await sleep(delay);
+        continue;
       }
     }
     if (response.ok) {
