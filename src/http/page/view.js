@@ -31,6 +31,11 @@ export class SeatGrid {
     root.style.setProperty("--cols", String(cols));
     root.classList.toggle("compact", cols > 30);
     const frag = document.createDocumentFragment();
+    const stage = document.createElement("span");
+    stage.className = "stage";
+    stage.setAttribute("aria-hidden", "true");
+    stage.textContent = "Stage";
+    frag.append(stage);
     const corner = document.createElement("span");
     corner.className = "label corner";
     corner.setAttribute("aria-hidden", "true");
