@@ -93,7 +93,7 @@ export async function spawnReplica(db, env = {}) {
   const base = await new Promise((resolve, reject) => {
     let buf = "";
     const timer = setTimeout(() => reject(new Error("replica did not start within 30 s")), 30000);
-    child.once("exit", (code) => reject(new Error(`seatsync exited with ${code} before listening`)));
+    child.once("exit", (code, signal) => reject(new Error(`seatsync exited (${signal || code}) before listening`)));
     child.stdout.on("data", (chunk) => {
       buf += chunk;
       const m = buf.match(/seatsync listening on (\S+)/);
@@ -105,12 +105,19 @@ export async function spawnReplica(db, env = {}) {
   });
   // Keep draining stdout so the child never blocks on a full pipe.
   child.stdout.resume();
+  let stopping = false;
+  // A replica that dies on its own (or is killed from outside the test)
+  // explains the failures that follow; say so.
+  child.once("exit", (code, signal) => {
+    if (!stopping) console.error(`  replica ${base} exited unexpectedly (${signal || code})`);
+  });
   const replica = {
     base,
     child,
     url: (p) => base + p,
     async kill(signal = "SIGKILL") {
       if (child.exitCode !== null || child.signalCode !== null) return;
+      stopping = true;
       const exited = new Promise((r) => child.once("exit", r));
       child.kill(signal);
       await exited;
@@ -132,6 +139,7 @@ export async function startProxy(target) {
   const sockets = new Set();
   const upstreams = new Set();
   const held = [];
+  const drops = [];
   const proxy = {
     target: new URL(target),
     streamsPaused: false,
@@ -142,6 +150,10 @@ export async function startProxy(target) {
     cut() {
       for (const u of upstreams) u.destroy();
       for (const s of sockets) s.destroy();
+    },
+    /** The next `n` responses to requests whose path starts with `prefix` are lost after the server handled them. */
+    dropResponses(prefix, n = 1) {
+      drops.push({ prefix, n });
     },
     pauseStreams() {
       proxy.streamsPaused = true;
@@ -156,6 +168,17 @@ export async function startProxy(target) {
     const up = http.request(
       { host: t.hostname, port: t.port, method: req.method, path: req.url, headers: req.headers, agent: false },
       (ur) => {
+        const drop = drops.find((d) => d.n > 0 && req.url.startsWith(d.prefix));
+        if (drop) {
+          // Headers arrive, the body never does: the browser cannot retry
+          // this by itself, so the page sees a failed request.
+          drop.n--;
+          ur.resume();
+          res.writeHead(ur.statusCode, ur.headers);
+          res.flushHeaders();
+          setTimeout(() => res.socket && res.socket.destroy(), 20);
+          return;
+        }
         res.writeHead(ur.statusCode, ur.headers);
         const isStream = req.url.includes("/seats/stream");
         ur.on("data", (chunk) => {

@@ -63,3 +63,32 @@ test("2. a seat taken under B's selection: conflict sentence, that seat unavaila
     figure("B then held the two seats it kept");
   }),
 );
+
+test("2b. Pay whose answer is lost: the page says it is retrying and the retry makes no second booking", { timeout: 60000 }, () =>
+  withSetup(async (s) => {
+    const r = await s.replica();
+    const proxy = await s.proxy(r.base);
+    const { id } = await api.createSchedule(r.base, { rows: 3, cols: 6 });
+    const browser = await s.browser();
+    const page = await newPage(await browser.newContext(), s.problems);
+    await openSchedule(page, proxy.base, id);
+    await page.click(seatSelector(2, 2));
+    await page.click(seatSelector(2, 3));
+
+    // The server holds the seats, but the 201 never reaches the page (twice).
+    proxy.dropResponses("/api/bookings/start", 2);
+    const t0 = Date.now();
+    await page.dblclick("#pay");
+    await waitText(page, "#message", /retrying/);
+    const said = (await page.textContent("#message")).trim();
+    await waitSeats(page, [
+      [2, 2],
+      [2, 3],
+    ], "yours");
+    const held = Date.now() - t0;
+    const rows = (await s.db.query("SELECT count(*)::int AS n FROM bookings")).rows[0].n;
+    const keys = (await s.db.query("SELECT count(DISTINCT idempotency_key)::int AS n FROM bookings")).rows[0].n;
+    figure(`lost answers: page said "${said}", held ${held} ms after a double click; ${rows} booking (${keys} idempotency key) in the database`);
+    assert.equal(rows, 1);
+  }),
+);
