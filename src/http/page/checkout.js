@@ -119,8 +119,13 @@ export class Checkout {
       try {
         const token = await guestToken();
         const r = await request(`/api/bookings/${encodeURIComponent(e.body.bookingId)}`, { token, onRetry: this.retrying });
-        this.showPending(r.body, r);
-        this.say(`You already have seats on hold for this showing: ${seatList(r.body.seats)}. Pay for them or cancel them first.`);
+        if (r.body.status === "PENDING") {
+          this.showPending(r.body, r);
+          this.say(`You already have seats on hold for this showing: ${seatList(r.body.seats)}. Pay for them or cancel them first.`);
+        } else {
+          // It ended between the two requests; nothing stands in the way now.
+          this.say("Your earlier hold on this showing has just ended. Press Pay again to hold these seats.");
+        }
       } catch {
         this.say("You already have seats on hold for this showing, but we could not load them. Please reload the page.");
       }
@@ -175,7 +180,8 @@ export class Checkout {
     if (!this.booking) return;
     const left = this.booking.deadline - Date.now();
     this.ui.countdown.textContent = mmss(left);
-    if (left <= 0) this.finish(EXPIRED);
+    // While a confirm or cancel is on its way the server's answer decides.
+    if (left <= 0 && !this.busy) this.finish(EXPIRED);
   }
 
   /** Ends the payment step: back to choosing seats. */
@@ -213,6 +219,10 @@ export class Checkout {
     try {
       const token = await guestToken({ onRetry: this.retrying });
       await request(`/api/bookings/${b.bookingId}/confirm`, { method: "POST", token, onRetry: this.retrying });
+      // A sale is final, so marking the seats sold before their event arrives
+      // can never contradict a later one (a cancel could: the seats may be
+      // taken again before our RELEASED event is read).
+      this.store.applyEvent("CONFIRMED", b.seats);
       this.finish(`Payment complete. ${seatList(b.seats)} ${b.seats.length === 1 ? "is" : "are"} booked for you.`);
     } catch (e) {
       if (e instanceof ApiProblem && e.code === "booking_expired") {
