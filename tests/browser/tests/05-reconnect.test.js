@@ -90,3 +90,38 @@ test("5. a cut stream: reconnecting, live again, and the map equals the snapshot
     }
   }),
 );
+
+test("5b. resuming from before the retained event log: resync, the snapshot is reloaded, the map is right", { timeout: 60000 }, () =>
+  withSetup(async (s) => {
+    // Events older than a second are pruned, so a page away for longer
+    // cannot be replayed to and must be told to resync.
+    const r = await s.replica({ EVENT_RETENTION_SECONDS: "1", RUST_LOG: "error" });
+    const proxy = await s.proxy(r.base);
+    const { id } = await api.createSchedule(r.base, { rows: 10, cols: 10 });
+    const browser = await s.browser();
+    const context = await browser.newContext();
+    let snapshots = 0;
+    context.on("request", (q) => {
+      if (q.url().includes("/seat-status")) snapshots++;
+    });
+    const page = await newPage(context, s.problems);
+    await changes(r.base, id, 1);
+    await openSchedule(page, proxy.base, id);
+    await converged(page, r.base, id);
+    assert.equal(snapshots, 1);
+
+    // The page loses its server; meanwhile seats change and the log is pruned.
+    proxy.switchTo("http://127.0.0.1:9");
+    proxy.cut();
+    await page.waitForSelector('#connection[data-state="reconnecting"]', { timeout: 10000 });
+    await changes(r.base, id, 2);
+    await waitFor("the event log to be pruned", async () => (await s.db.query("SELECT count(*)::int AS n FROM seat_events")).rows[0].n === 0, { timeout: 15000, interval: 200 });
+
+    const t0 = Date.now();
+    proxy.switchTo(r.base);
+    await page.waitForSelector('#connection[data-state="live"]', { timeout: 15000 });
+    const c = await converged(page, r.base, id);
+    figure(`resync: live again ${Date.now() - t0 - c.ms} ms after the server came back, snapshot reloaded (${snapshots} snapshot requests in all), map = snapshot (${c.seats} taken seats)`);
+    assert.equal(snapshots, 2, "the resync reloaded the snapshot once");
+  }),
+);
