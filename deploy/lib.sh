@@ -31,3 +31,33 @@ ensure_cargo() {
     fi
   fi
 }
+
+# Debian's Chromium for the browser tests (playwright-core drives it; no
+# browser is ever downloaded).
+ensure_chromium() {
+  if [ -x /usr/bin/chromium ]; then
+    return 0
+  fi
+  echo "seatsync: installing Chromium (Debian packages 'chromium', 'chromium-driver')" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+}
+
+# Node 20+ (the browser tests use node's built-in test runner) and the
+# browser tests' npm packages, installed from the committed lock file.
+ensure_browser_test_deps() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "seatsync: installing Node.js (Debian packages 'nodejs', 'npm')" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  if [ "$major" -lt 20 ]; then
+    echo "seatsync: the browser tests need Node.js 20 or newer (found $(node --version))" >&2
+    exit 1
+  fi
+  if [ ! -d tests/browser/node_modules ]; then
+    (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: formatting, lints, unit and integration tests
-# against a real PostgreSQL. Uses the server at 127.0.0.1:5432 when one
-# answers (trust auth), otherwise starts a private cluster for the run.
+# Runs the whole test suite: formatting, lints, browser tests of the seat-map
+# page, unit and integration tests against a real PostgreSQL. Uses the server
+# at 127.0.0.1:5432 when one answers (trust auth), otherwise starts a private
+# cluster for the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/lib.sh
@@ -42,5 +43,11 @@ echo "seatsync: testing against $SEATSYNC_TEST_DATABASE_URL" >&2
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 ./deploy/validate.sh
+# The seat-map page in a real browser, against replicas of the binary that
+# `cargo test` uses as well (same profile, so it is built once).
+ensure_chromium
+ensure_browser_test_deps
+cargo build --locked --bin seatsync
+SEATSYNC_BIN="$(pwd)/${CARGO_TARGET_DIR:-target}/debug/seatsync" npm --prefix tests/browser test
 # Unit tests, then the integration suite (its summary is the last line).
 cargo test --locked --lib --bins --tests
