@@ -131,6 +131,55 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
     pub sse_max_connections: u32,
 
+    /// Most SSE streams one client address may hold on this replica. High
+    /// on purpose: thousands of fans can share one address (stadium Wi-Fi,
+    /// carrier NAT); it only stops one address taking a replica's streams.
+    #[arg(long, env = "SSE_MAX_PER_IP", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    pub sse_max_per_ip: u32,
+
+    /// Starts per second one user may make on this replica (bursts of five
+    /// times as many pass); above it `429 rate_limited`. 0 turns it off.
+    #[arg(long, env = "RATE_LIMIT_USER", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000), global = true)]
+    pub rate_limit_user: u32,
+
+    /// Booking and guest-token requests per second from one client address
+    /// on this replica (bursts of twice as many pass); above it `429
+    /// rate_limited`. 0 turns it off. High on purpose, see SSE_MAX_PER_IP.
+    #[arg(long, env = "RATE_LIMIT_IP", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000), global = true)]
+    pub rate_limit_ip: u32,
+
+    /// Peers whose `X-Forwarded-For` names the client (comma-separated IPs
+    /// or CIDR blocks: the load balancers). Anyone else's header is ignored.
+    #[arg(
+        long,
+        env = "TRUSTED_PROXIES",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,::1",
+        value_parser = ip_or_network,
+        global = true
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// Seconds a client may take to send a request's head; slower ones are
+    /// closed (slowloris).
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=600), global = true)]
+    pub header_read_timeout_seconds: u32,
+
+    /// Largest request head in bytes; larger ones get `431`.
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 16 * 1024,
+          value_parser = clap::value_parser!(u32).range(8 * 1024..=1024 * 1024), global = true)]
+    pub max_header_bytes: u32,
+
+    /// Seconds any request but a seat stream may take; then `503`, and
+    /// nothing it was doing is committed.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECONDS", default_value_t = 15,
+          value_parser = clap::value_parser!(u32).range(1..=600), global = true)]
+    pub request_timeout_seconds: u32,
+
     /// Events a seat-stream subscriber may fall behind the live feed before
     /// it is cut off (it then reconnects with Last-Event-ID and replays from
     /// the log). Bounds the memory a slow viewer can pin.
@@ -167,9 +216,9 @@ pub struct Config {
 /// A configuration that parsed but makes no sense.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("AUTH_SECRET is required when DATABASE_URL is set (at least 16 characters, the same on every replica)")]
+    #[error("AUTH_SECRET is required when DATABASE_URL is set (at least 32 bytes, the same on every replica)")]
     MissingAuthSecret,
-    #[error("AUTH_SECRET must be at least 16 characters long")]
+    #[error("AUTH_SECRET must be at least 32 bytes long (HS256 wants a key as long as its hash)")]
     WeakAuthSecret,
     #[error("ADMIN_TOKEN must be at least 16 characters long")]
     WeakAdminToken,
@@ -191,7 +240,7 @@ impl Config {
         if let Some(url) = &self.listen_database_url {
             check_pg_url("LISTEN_DATABASE_URL", url)?;
         }
-        if self.auth_secret.as_ref().is_some_and(|s| s.len() < 16) {
+        if self.auth_secret.as_ref().is_some_and(|s| s.len() < 32) {
             return Err(ConfigError::WeakAuthSecret);
         }
         if self.admin_token.as_ref().is_some_and(|s| s.len() < 16) {
@@ -241,4 +290,12 @@ fn check_pg_url(name: &'static str, url: &str) -> Result<(), ConfigError> {
                 None => e.to_string(),
             },
         })
+}
+
+/// An IP address (a network of one) or a CIDR block.
+fn ip_or_network(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR block"))
 }

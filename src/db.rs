@@ -284,7 +284,9 @@ pub fn build_pool(url: &str, size: usize) -> Result<Pool, DbError> {
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(5)))
+        // A fan waiting in a ticket drop's queue is better served late than
+        // refused; the request timeout (15 s by default) bounds it anyway.
+        .wait_timeout(Some(Duration::from_secs(10)))
         .create_timeout(Some(Duration::from_secs(5)))
         .recycle_timeout(Some(Duration::from_secs(5)))
         .build()

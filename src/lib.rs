@@ -24,5 +24,6 @@ pub mod http;
 pub mod json;
 pub mod realtime;
 pub mod schedules;
+pub mod server;
 pub mod startup;
 pub mod telemetry;

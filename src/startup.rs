@@ -1,12 +1,13 @@
 //! Wires configuration -> pools -> listener -> router, and supervises the
 //! replica's background tasks until shutdown.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use chrono::{Duration as ChronoDuration, Utc};
 use rand::RngExt;
 use tokio::net::TcpListener;
@@ -20,6 +21,7 @@ use crate::embedded_pg::{EmbeddedError, EmbeddedPostgres};
 use crate::holds::postgres::PgSeatStore;
 use crate::holds::sweeper::run_sweeper;
 use crate::holds::SeatStore;
+use crate::http::limits::{AbuseLimits, LimitSettings};
 use crate::http::{router, AppState, Limits};
 use crate::realtime::event_log::EventLog;
 use crate::realtime::hub::ScheduleHubs;
@@ -27,6 +29,7 @@ use crate::realtime::listener::ListenerRelay;
 use crate::realtime::retention::run_pruner;
 use crate::realtime::stream::SeatStreams;
 use crate::schedules::{NewSchedule, RequestedSeat, ScheduleCatalog};
+use crate::server::{serve, ConnectionLimits};
 
 /// After SIGTERM, how long in-flight requests get before the process exits
 /// anyway (the contract allows 10 s in all).
@@ -51,6 +54,8 @@ pub enum StartupError {
     },
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    #[error("the {task} task ended ({reason}); exiting so that the replica is restarted")]
+    TaskEnded { task: &'static str, reason: String },
 }
 
 /// A built replica: bound, migrated, connected, not yet serving.
@@ -139,6 +144,13 @@ impl Application {
             ),
             listener_ready: Arc::new(AtomicBool::new(false)),
             sse_connections: Arc::new(AtomicUsize::new(0)),
+            abuse: Arc::new(AbuseLimits::new(LimitSettings {
+                user_starts_per_second: config.rate_limit_user,
+                address_requests_per_second: config.rate_limit_ip,
+                streams_per_address: config.sse_max_per_ip,
+                trusted_proxies: config.trusted_proxies.clone(),
+                request_timeout: Duration::from_secs(config.request_timeout_seconds.into()),
+            })),
             shutdown,
             metrics: crate::telemetry::metrics_recorder(),
         };
@@ -198,19 +210,26 @@ impl Application {
         // Tests and scripts read this line to find the port.
         println!("seatsync listening on http://{addr}");
 
-        let mut tasks = JoinSet::new();
-        tasks.spawn(run_sweeper(
-            state.store.clone(),
-            config.sweep_interval(),
-            shutdown.clone(),
-        ));
-        tasks.spawn(run_pruner(
-            state.db.clone(),
-            config.event_retention_seconds,
-            shutdown.clone(),
-        ));
+        let mut tasks = Supervisor::default();
+        tasks.spawn(
+            "sweeper",
+            run_sweeper(
+                state.store.clone(),
+                config.sweep_interval(),
+                shutdown.clone(),
+            ),
+        );
+        tasks.spawn(
+            "pruner",
+            run_pruner(
+                state.db.clone(),
+                config.event_retention_seconds,
+                shutdown.clone(),
+            ),
+        );
         let listen_url = config.listen_database_url.clone().unwrap_or(database_url);
         tasks.spawn(
+            "listener",
             ListenerRelay::new(
                 listen_url,
                 state.streams.hubs().clone(),
@@ -219,6 +238,10 @@ impl Application {
                 shutdown.clone(),
             )
             .run(),
+        );
+        tasks.spawn(
+            "limits",
+            forget_idle_clients(state.abuse.clone(), shutdown.clone()),
         );
 
         tokio::spawn({
@@ -230,48 +253,136 @@ impl Application {
             }
         });
 
-        let app = router(state);
-        let write_timeout = config.client_write_timeout();
-        let listener = listener.tap_io(move |tcp| {
-            if let Err(e) = limit_unacknowledged(tcp, write_timeout) {
-                tracing::warn!(error = %e, "cannot set TCP_USER_TIMEOUT on a client connection");
-            }
-        });
-        // `into_make_service`: each connection clones the router instead of
-        // rebuilding it (about 16 KiB less per SSE connection).
-        let server = axum::serve(listener, app.into_make_service())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let server = tokio::spawn(async move { server.await });
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(config.header_read_timeout_seconds.into()),
+            max_header_bytes: config.max_header_bytes as usize,
+            write_timeout: config.client_write_timeout(),
+        };
+        let server = tokio::spawn(serve(listener, router(state), limits, shutdown.clone()));
 
-        shutdown.cancelled().await;
-        match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server ended with an error"),
-            Err(_) => tracing::warn!("in-flight requests did not finish in time; exiting anyway"),
-            _ => {}
+        // Every background task runs until shutdown. One that ends sooner
+        // (returned or panicked) leaves the replica broken in a way it
+        // cannot see from inside: it turns not-ready, shuts down, and
+        // exits non-zero so that its orchestrator starts a fresh one.
+        let failed = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            ended = tasks.next_ended() => {
+                tracing::error!(task = ended.task, reason = %ended.reason, "background task ended; shutting down");
+                shutdown.cancel();
+                Some(ended)
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
+            tracing::warn!("in-flight requests did not finish in time; exiting anyway");
         }
         tasks.shutdown().await;
         if let Some(pg) = embedded {
             pg.stop().await;
         }
         tracing::info!("stopped");
-        Ok(())
+        match failed {
+            Some(ended) => Err(StartupError::TaskEnded {
+                task: ended.task,
+                reason: ended.reason,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
-/// Drops a client connection whose sent data stays unacknowledged for
-/// `timeout`: a client that stopped reading (zero window; Linux 5.11+) or
-/// vanished. Nothing else can end such a connection's SSE stream: once the
-/// socket is full, hyper never polls the stream again, so it can neither
-/// notice that it lags nor fail a heartbeat write, and it would hold its
-/// connection slot (and up to the socket's send buffer) forever.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn limit_unacknowledged(tcp: &mut tokio::net::TcpStream, timeout: Duration) -> std::io::Result<()> {
-    socket2::SockRef::from(&*tcp).set_tcp_user_timeout(Some(timeout))
+/// Forgets the rate-limit state of clients that went quiet, every minute.
+async fn forget_idle_clients(abuse: Arc<AbuseLimits>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => abuse.forget_idle(),
+        }
+    }
 }
 
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn limit_unacknowledged(_: &mut tokio::net::TcpStream, _: Duration) -> std::io::Result<()> {
-    Ok(())
+/// How a supervised task ended.
+struct Ended {
+    task: &'static str,
+    reason: String,
+}
+
+/// The replica's background tasks, by name.
+#[derive(Default)]
+struct Supervisor {
+    tasks: JoinSet<()>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Supervisor {
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.tasks.spawn(with_fault(name, task));
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The first task to end, and how. Pending forever when there are none.
+    async fn next_ended(&mut self) -> Ended {
+        let Some(ended) = self.tasks.join_next_with_id().await else {
+            return std::future::pending().await;
+        };
+        let (id, reason) = match ended {
+            Ok((id, ())) => (id, "it returned".to_owned()),
+            Err(e) if e.is_panic() => {
+                let id = e.id();
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                (id, format!("it panicked: {message}"))
+            }
+            Err(e) => (e.id(), "it was cancelled".to_owned()),
+        };
+        Ended {
+            task: self.names.get(&id).copied().unwrap_or("background task"),
+            reason,
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.tasks.shutdown().await;
+    }
+}
+
+/// Test builds only: `SEATSYNC_FAULT=<task>` makes that task panic, and
+/// `SEATSYNC_FAULT=<task>:return` makes it return, shortly after start.
+#[cfg(feature = "fault-injection")]
+fn with_fault(
+    name: &'static str,
+    task: impl Future<Output = ()> + Send + 'static,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+    let fault = std::env::var("SEATSYNC_FAULT").unwrap_or_default();
+    let (target, returns) = match fault.split_once(':') {
+        Some((target, "return")) => (target.to_owned(), true),
+        _ => (fault, false),
+    };
+    if target != name {
+        return Box::pin(task);
+    }
+    Box::pin(async move {
+        tokio::select! {
+            _ = task => {}
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {
+                if !returns {
+                    panic!("injected fault in the {name} task");
+                }
+            }
+        }
+    })
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn with_fault(
+    _name: &'static str,
+    task: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
+    task
 }
 
 /// A showing to click on in development mode, created once.

@@ -106,6 +106,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         (status = 409, body = Problem, content_type = "application/problem+json",
          description = "seats_taken (with `seats`), no_seats_together (with `largestBlock`), booking_in_progress (with `bookingId`) or idempotency_key_reused"),
         (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 429, body = Problem, content_type = "application/problem+json", description = "rate_limited, with Retry-After"),
     ))]
 pub async fn start_booking(
     State(state): State<AppState>,
@@ -113,6 +114,7 @@ pub async fn start_booking(
     headers: HeaderMap,
     ApiJson(req): ApiJson<StartBookingRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
+    state.abuse.check_user_start(user_id)?;
     let idempotency_key = idempotency_key(&headers)?;
     if req.schedule_id <= 0 {
         return Err(ApiError::invalid(

@@ -35,6 +35,8 @@ pub enum ApiError {
     Hold(HoldError),
     #[error("this replica serves its maximum number of seat streams")]
     TooManyStreams,
+    #[error("too many requests; try again in {retry_after_seconds} s")]
+    RateLimited { retry_after_seconds: u64 },
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -117,6 +119,11 @@ impl ApiError {
                 "booking_confirmed",
                 "Booking confirmed",
             ),
+            ApiError::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests",
+            ),
             ApiError::TooManyStreams => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_streams",
@@ -181,14 +188,21 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, problem) = self.problem();
+        let retry_after = match self {
+            ApiError::RateLimited {
+                retry_after_seconds,
+            } => Some(retry_after_seconds.max(1)),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
         let mut response = (status, axum::Json(problem)).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of the body is left unread, so hyper closes the

@@ -13,6 +13,7 @@ use axum::Router;
 
 use super::error::{ApiError, Problem};
 use super::extract::ScheduleIdPath;
+use super::limits::ClientAddress;
 use super::AppState;
 use crate::realtime::stream::Resume;
 
@@ -61,6 +62,7 @@ pub async fn seat_stream(
     ScheduleIdPath(id): ScheduleIdPath,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
+    ClientAddress(address): ClientAddress,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     if state.shutdown.is_cancelled() {
@@ -78,7 +80,11 @@ pub async fn seat_stream(
 
     let slot = StreamSlot::acquire(&state.sse_connections, state.limits.sse_max_connections)
         .ok_or(ApiError::TooManyStreams)?;
-    let stream = state.streams.open(id, resume, slot).await?;
+    let per_address = state
+        .abuse
+        .open_stream(address)
+        .ok_or(ApiError::TooManyStreams)?;
+    let stream = state.streams.open(id, resume, (slot, per_address)).await?;
     let mut response = Response::new(Body::from_stream(stream));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();

@@ -6,6 +6,7 @@ pub mod bookings;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod limits;
 pub mod observe;
 pub mod openapi;
 pub mod ops;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub listener_ready: Arc<AtomicBool>,
     /// Open SSE streams, held against `Limits::sse_max_connections`.
     pub sse_connections: Arc<AtomicUsize>,
+    /// Rate limits, stream caps per address, the request time limit.
+    pub abuse: Arc<limits::AbuseLimits>,
     /// Cancelled on SIGTERM: streams end, `/readyz` turns 503.
     pub shutdown: CancellationToken,
     /// Renders `/metrics`; `None` when another recorder was installed first
@@ -68,13 +71,17 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
+    let per_address = middleware::from_fn_with_state(state.clone(), limits::limit_address);
+    let in_time = middleware::from_fn_with_state(state.clone(), limits::limit_time);
     Router::new()
         .merge(ops::router())
-        .merge(auth::router())
+        .merge(auth::router().route_layer(per_address.clone()))
         .merge(page::router())
         .merge(openapi::router())
         .merge(schedules::router())
-        .merge(bookings::router())
+        .merge(bookings::router().route_layer(per_address))
+        // Everything but the stream, which lives as long as its client.
+        .route_layer(in_time)
         .merge(events::router())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

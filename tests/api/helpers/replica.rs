@@ -62,6 +62,11 @@ impl Replica {
             .env("SWEEP_INTERVAL_MS", "200")
             // Small pools: parallel tests share one server's max_connections.
             .env("DB_POOL_SIZE", "6")
+            // Most tests play many users, or one user many times, from one
+            // address at machine speed: what the abuse limits are there to
+            // stop. The limits' own tests turn them back on.
+            .env("RATE_LIMIT_USER", "0")
+            .env("RATE_LIMIT_IP", "0")
             .env(
                 "RUST_LOG",
                 std::env::var("SEATSYNC_TEST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -1,0 +1,103 @@
+//! The HTTP server: an accept loop that gives every connection the limits a
+//! ticket drop needs at the socket, before any handler runs.
+//!
+//! - A header read timeout: a client that opens a connection and never
+//!   finishes its request head (slowloris) is closed after it, instead of
+//!   holding a file descriptor for as long as it likes.
+//! - A cap on the request head's size: larger heads get `431`.
+//! - `TCP_USER_TIMEOUT`: a connection whose sent data stays unacknowledged
+//!   is dropped (see [`limit_unacknowledged`]).
+//! - The peer address for the rate limits, as `ConnectInfo`.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// What every connection is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_read_timeout: Duration,
+    /// hyper's read buffer while it parses a request head (at least 8 KiB).
+    pub max_header_bytes: usize,
+    pub write_timeout: Duration,
+}
+
+/// Serves `app` until `shutdown`, then lets open connections finish (SSE
+/// streams end on the same signal) and returns once they have.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8 * 1024));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, most likely: accepting again
+                    // at once would spin. Connections that end free some.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = limit_unacknowledged(&stream, limits.write_timeout) {
+            tracing::warn!(error = %e, "cannot set TCP_USER_TIMEOUT on a client connection");
+        }
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            // The router is cloned per request: cheap (it is shared).
+            app.clone().oneshot(req.map(Body::new))
+        });
+        let connection = graceful.watch(
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Drops a client connection whose sent data stays unacknowledged for
+/// `timeout`: a client that stopped reading (zero window; Linux 5.11+) or
+/// vanished. Nothing else can end such a connection's SSE stream: once the
+/// socket is full, hyper never polls the stream again, so it can neither
+/// notice that it lags nor fail a heartbeat write, and it would hold its
+/// connection slot (and up to the socket's send buffer) forever.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn limit_unacknowledged(tcp: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn limit_unacknowledged(_: &TcpStream, _: Duration) -> std::io::Result<()> {
+    Ok(())
+}
