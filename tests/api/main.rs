@@ -14,5 +14,6 @@ mod helpers;
 mod hold_invariant;
 mod lifecycle;
 mod listener_failure;
+mod pgbouncer;
 mod realtime;
 mod smoke;
