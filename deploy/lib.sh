@@ -17,6 +17,17 @@ ensure_postgres_binaries() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql postgresql-client >/dev/null
 }
 
+# Debian's `pgbouncer`: the integration tests put it, in transaction mode,
+# between replicas and PostgreSQL (DB_STATEMENTS=unnamed must work there).
+ensure_pgbouncer() {
+  if command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; then
+    return 0
+  fi
+  echo "seatsync: installing PgBouncer (Debian package 'pgbouncer')" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq pgbouncer >/dev/null
+}
+
 pg_bin_dir() {
   ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
 }

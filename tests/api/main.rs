@@ -16,5 +16,6 @@ mod hold_invariant;
 mod lifecycle;
 mod listener_failure;
 mod observability;
+mod pgbouncer;
 mod realtime;
 mod smoke;

@@ -60,7 +60,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create() -> Self {
-        let admin = admin_url();
+        Self::create_on(&admin_url()).await
+    }
+
+    /// A database of its own on the server of `admin` (a URL of any
+    /// database there), such as a private cluster a test restarts.
+    pub async fn create_on(admin: &str) -> Self {
+        let admin = admin.to_owned();
         let name = format!("seatsync_test_{}", Uuid::new_v4().simple());
         admin_client(&admin)
             .await

@@ -1,8 +1,10 @@
 //! Shared test plumbing: per-test databases (`db`), replica processes and
 //! the HTTP contract (`replica`), an SSE reader (`sse`), and seat maps
-//! kept the way the page keeps them (`seat_map`).
+//! kept the way the page keeps them (`seat_map`), private PostgreSQL
+//! clusters and PgBouncers (`pg_cluster`).
 
 mod db;
+mod pg_cluster;
 mod replica;
 mod seat_map;
 mod sse;
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub use db::*;
+pub use pg_cluster::*;
 pub use replica::*;
 pub use seat_map::*;
 pub use sse::*;

@@ -51,10 +51,16 @@ pub struct Replica {
 
 impl Replica {
     pub async fn spawn(db: &TestDb, opts: ReplicaOpts) -> Replica {
+        Self::spawn_url(&db.url, opts).await
+    }
+
+    /// A replica whose pool goes to `database_url`, which need not be the
+    /// test database's own URL (a pooler in front of it, say).
+    pub async fn spawn_url(database_url: &str, opts: ReplicaOpts) -> Replica {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_seatsync"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &db.url)
+            .env("DATABASE_URL", database_url)
             .env("AUTH_SECRET", AUTH_SECRET)
             .env("ADMIN_TOKEN", ADMIN_TOKEN)
             .env("HOST", "127.0.0.1")
