@@ -42,13 +42,15 @@ fi
 echo "seatsync: testing against $SEATSYNC_TEST_DATABASE_URL" >&2
 
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --all-features --locked -- -D warnings
 ./deploy/validate.sh
 # The seat-map page in a real browser, against replicas of the binary that
-# `cargo test` uses as well (same profile, so it is built once).
+# `cargo test` uses as well (same profile and features, so it is built once).
+# `fault-injection` lets the supervision tests make a background task fail;
+# release builds never have it.
 ensure_chromium
 ensure_browser_test_deps
-cargo build --locked --bin seatsync
+cargo build --locked --features fault-injection --bin seatsync
 SEATSYNC_BIN="$(pwd)/${CARGO_TARGET_DIR:-target}/debug/seatsync" npm --prefix tests/browser test
 # Unit tests, then the integration suite (its summary is the last line).
-cargo test --locked --lib --bins --tests
+cargo test --locked --features fault-injection --lib --bins --tests
