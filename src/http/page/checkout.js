@@ -1,10 +1,13 @@
-// Checkout: Pay (hold the selection), the payment step with its countdown,
-// confirm and cancel. Every outcome, good or bad, ends in a sentence.
+// Checkout: Pay (hold the selection) or Best available (let the server pick
+// N seats together), the payment step with its countdown, confirm and
+// cancel. Every outcome, good or bad, ends in a sentence.
 
 import { ApiProblem, NetworkFailure, guestToken, request } from "./net.js";
-import { justTaken, mmss, seatList } from "./text.js";
+import { bestLabel, justTaken, mmss, noSeatsTogether, seatList } from "./text.js";
 
 const UNREACHABLE = "We cannot reach the server right now. Check your connection and try again.";
+// While a best-available start is on its way any seat may turn out to be ours.
+const ANY_SEAT = "any";
 const EXPIRED = "Your hold expired before payment, so the seats were released and are available again. You can choose seats again.";
 
 /** 128 random bits as hex; works where crypto.randomUUID does not (plain http). */
@@ -29,7 +32,7 @@ export class Checkout {
     this.focusGrid = focusGrid;
     this.scheduleId = scheduleId;
     this.store = store;
-    this.ui = ui; // { pay, confirm, cancel, choose, payment, heldSeats, countdown }
+    this.ui = ui; // { pay, best, quantity, confirm, cancel, choose, payment, heldSeats, countdown }
     this.say = say;
     this.booking = null; // { bookingId, seats, deadline }
     this.busy = false;
@@ -37,6 +40,16 @@ export class Checkout {
     this.timer = null;
     this.storageKey = `seatsync.booking.${scheduleId}`;
     ui.pay.addEventListener("click", () => this.pay());
+    ui.best.addEventListener("click", () => this.bestAvailable());
+    // A party of two is the common case; never more than a booking allows.
+    for (let n = 1; n <= store.maxSelected; n++) {
+      const option = document.createElement("option");
+      option.value = String(n);
+      option.textContent = String(n);
+      ui.quantity.append(option);
+    }
+    ui.quantity.addEventListener("change", () => this.setQuantity(Number(ui.quantity.value)));
+    this.setQuantity(Math.min(2, store.maxSelected));
     ui.confirm.addEventListener("click", () => this.confirm());
     ui.cancel.addEventListener("click", () => this.cancel());
   }
@@ -66,6 +79,11 @@ export class Checkout {
     }
   }
 
+  setQuantity(n) {
+    this.ui.quantity.value = String(n);
+    this.ui.best.textContent = bestLabel(n);
+  }
+
   async pay() {
     if (this.busy || this.booking) return; // a double click is one attempt
     const seats = this.store.selectedSeats();
@@ -73,30 +91,64 @@ export class Checkout {
       this.say("Choose at least one seat first.");
       return;
     }
+    await this.hold(
+      { seats },
+      {
+        holding: `Holding ${seatList(seats)}…`,
+        inflight: new Set(seats.map((s) => `${s.row}:${s.col}`)),
+        button: "Pay",
+      },
+    );
+  }
+
+  /**
+   * Lets the server choose `quantity` adjacent seats. Seats picked on the
+   * map are not sent: a successful hold replaces them (the hint under the
+   * button says so), a refused one leaves them as they were.
+   */
+  async bestAvailable() {
+    if (this.busy || this.booking) return; // a double click is one attempt
+    const quantity = Number(this.ui.quantity.value);
+    await this.hold(
+      { quantity },
+      {
+        holding: `Looking for the best ${quantity === 1 ? "seat" : `${quantity} seats together`}…`,
+        inflight: ANY_SEAT,
+        button: "Best available",
+        replacing: this.store.selected.size > 0,
+      },
+    );
+  }
+
+  /** One start request (`choice` is `{seats}` or `{quantity}`), then the payment step. */
+  async hold(choice, { holding, inflight, button, replacing = false }) {
     this.busy = true;
-    this.inflight = new Set(seats.map((s) => `${s.row}:${s.col}`));
+    this.inflight = inflight;
     // aria-disabled, not disabled: a disabled button loses keyboard focus,
-    // and after a 409 the user wants to press Pay again from where they are.
-    this.ui.pay.setAttribute("aria-disabled", "true");
+    // and after a 409 the user wants to press the button again from where they are.
+    this.refreshPay();
     // One key per attempt: the retries inside request() reuse it, so a lost
     // response never makes a second booking.
     const key = attemptKey();
-    this.say(`Holding ${seatList(seats)}…`);
+    this.say(holding);
     try {
       const r = await this.withToken((token) =>
         request("/api/bookings/start", {
           method: "POST",
           token,
           headers: { "Idempotency-Key": key },
-          body: { scheduleId: this.scheduleId, seats },
+          body: { scheduleId: this.scheduleId, ...choice },
           onRetry: this.retrying,
         }),
       );
       this.store.clearSelection();
       this.showPending(r.body, r);
-      this.say(`${seatList(r.body.seats)} ${r.body.seats.length === 1 ? "is" : "are"} held for you. Complete the payment before the time runs out.`);
+      const seats = r.body.seats;
+      this.say(
+        `${seatList(seats)} ${seats.length === 1 ? "is" : "are"} held for you${replacing ? ", instead of the seats you had picked" : ""}. Complete the payment before the time runs out.`,
+      );
     } catch (e) {
-      await this.startFailed(e);
+      await this.startFailed(e, choice, button);
     } finally {
       this.busy = false;
       this.inflight = null;
@@ -106,11 +158,17 @@ export class Checkout {
 
   /** Whether `seat` is part of a start request still awaiting its answer. */
   requesting(seat) {
+    if (this.inflight === ANY_SEAT) return true;
     return this.inflight !== null && this.inflight.has(`${seat.row}:${seat.col}`);
   }
 
-  async startFailed(e) {
-    if (e instanceof ApiProblem && e.code === "seats_taken") {
+  async startFailed(e, choice, button) {
+    if (e instanceof ApiProblem && e.code === "no_seats_together") {
+      const largest = Number(e.body.largestBlock);
+      // Offer the party that still fits: one press of the button tries it.
+      if (Number.isInteger(largest) && largest > 0 && largest <= this.store.maxSelected) this.setQuantity(largest);
+      this.say(noSeatsTogether(choice.quantity, largest));
+    } else if (e instanceof ApiProblem && e.code === "seats_taken") {
       const taken = Array.isArray(e.body.seats) ? e.body.seats : [];
       this.store.markTaken(taken);
       const left = this.store.selectedSeats().length;
@@ -124,19 +182,19 @@ export class Checkout {
           this.say(`You already have seats on hold for this showing: ${seatList(r.body.seats)}. Pay for them or cancel them first.`);
         } else {
           // It ended between the two requests; nothing stands in the way now.
-          this.say("Your earlier hold on this showing has just ended. Press Pay again to hold these seats.");
+          this.say(`Your earlier hold on this showing has just ended. Press ${button} again${choice.seats ? " to hold these seats" : ""}.`);
         }
       } catch {
         this.say("You already have seats on hold for this showing, but we could not load them. Please reload the page.");
       }
     } else if (e instanceof ApiProblem && e.code === "invalid_request") {
-      this.say(`These seats cannot be booked together: ${e.message}.`);
+      this.say(choice.seats ? `These seats cannot be booked together: ${e.message}.` : `That number of seats cannot be booked: ${e.message}.`);
     } else if (e instanceof ApiProblem && e.code === "schedule_not_found") {
       this.say("This showing no longer exists.");
     } else if (e instanceof ApiProblem && e.status === 429) {
-      this.say("Too many attempts in a short time. Wait a moment, then press Pay again.");
+      this.say(`Too many attempts in a short time. Wait a moment, then press ${button} again.`);
     } else if (e instanceof ApiProblem && e.status >= 500) {
-      this.say("The server could not hold your seats just now; nothing was booked. Please press Pay again.");
+      this.say(`The server could not hold your seats just now; nothing was booked. Please press ${button} again.`);
     } else if (e instanceof NetworkFailure) {
       this.say(UNREACHABLE);
     } else {
@@ -165,9 +223,10 @@ export class Checkout {
     sessionStorage.setItem(this.storageKey, booking.bookingId);
     this.store.setMine(booking.seats);
     this.ui.heldSeats.textContent = seatList(booking.seats);
-    // Keyboard users were on Pay, which is about to disappear: take them
-    // to the next step instead of dropping focus on the page body.
-    const fromPay = document.activeElement === this.ui.pay || document.activeElement === document.body;
+    // Keyboard users were on Pay or Best available, which are about to
+    // disappear: take them to the next step instead of dropping focus on
+    // the page body.
+    const fromPay = this.ui.choose.contains(document.activeElement) || document.activeElement === document.body;
     this.ui.choose.hidden = true;
     this.ui.payment.hidden = false;
     if (fromPay) this.ui.confirm.focus();
@@ -205,8 +264,10 @@ export class Checkout {
 
   refreshPay() {
     this.ui.pay.disabled = this.booking !== null || this.store.selected.size === 0;
-    if (this.busy) this.ui.pay.setAttribute("aria-disabled", "true");
-    else this.ui.pay.removeAttribute("aria-disabled");
+    for (const b of [this.ui.pay, this.ui.best]) {
+      if (this.busy) b.setAttribute("aria-disabled", "true");
+      else b.removeAttribute("aria-disabled");
+    }
   }
 
   async confirm() {
@@ -236,6 +297,8 @@ export class Checkout {
       }
     } finally {
       this.busy = false;
+      // finish() ran while busy and left the start buttons marked busy.
+      this.refreshPay();
     }
   }
 
@@ -262,6 +325,8 @@ export class Checkout {
       }
     } finally {
       this.busy = false;
+      // finish() ran while busy and left the start buttons marked busy.
+      this.refreshPay();
     }
   }
 

@@ -48,6 +48,8 @@ async function main() {
   });
   const ui = {
     pay: $("pay"),
+    best: $("best"),
+    quantity: $("quantity"),
     confirm: $("confirm"),
     cancel: $("cancel"),
     choose: $("choose"),
@@ -116,7 +118,8 @@ async function main() {
 
 function fail(text) {
   say(text);
-  $("pay").disabled = true;
+  // Nothing can be booked on a page without a showing.
+  for (const id of ["pay", "best", "quantity"]) $(id).disabled = true;
 }
 
 main();

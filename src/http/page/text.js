@@ -44,3 +44,20 @@ export function mmss(ms) {
   const s = total % 60;
   return `${m}:${String(s).padStart(2, "0")}`;
 }
+
+/**
+ * The answer to a best-available request that found no block of `quantity`
+ * seats (409 no_seats_together), offering the largest party that still fits.
+ */
+export function noSeatsTogether(quantity, largest) {
+  if (!(largest > 0)) {
+    return "Every seat is taken or on hold right now, so nothing was held. Seats on hold come free again if they are not paid for in time.";
+  }
+  const most = largest === 1 ? "only single seats are free" : `the most together is ${largest}`;
+  return `No ${quantity} seats together are left; ${most}. Try ${largest}, or pick seats yourself.`;
+}
+
+/** The best-available button's text: "Best available: 2 seats". */
+export function bestLabel(quantity) {
+  return `Best available: ${plural(quantity, "seat", "seats")}`;
+}
