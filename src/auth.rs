@@ -49,6 +49,8 @@ impl TokenAuthority {
         // "none") is refused before its signature is even looked at.
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // A token that says it is not valid yet is not valid yet.
+        validation.validate_nbf = true;
         validation.leeway = 5;
         Self {
             encoding: EncodingKey::from_secret(secret),

@@ -11,6 +11,7 @@ mod bookings;
 mod concurrency;
 mod config;
 mod expiry;
+mod hardening;
 mod helpers;
 mod hold_invariant;
 mod lifecycle;

@@ -1,12 +1,9 @@
 //! What operators see: the `/metrics` families, the request id on every
 //! response, and JSON log lines that carry it.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
 use crate::helpers::*;
 
@@ -152,38 +149,10 @@ async fn every_response_carries_a_request_id_and_a_sane_one_is_passed_on() {
 #[tokio::test]
 async fn json_log_lines_of_a_request_carry_its_request_id() {
     let db = TestDb::create().await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_seatsync"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &db.url)
-        .env("AUTH_SECRET", AUTH_SECRET)
-        .env("ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("HOST", "127.0.0.1")
-        .env("PORT", "0")
-        .env("DB_POOL_SIZE", "2")
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn seatsync");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = stdout.next_line().await.unwrap() {
-            if let Some(addr) = line.strip_prefix("seatsync listening on ") {
-                return addr.trim().to_owned();
-            }
-        }
-        panic!("seatsync exited before listening");
-    })
-    .await
-    .expect("listening within 30 s");
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-
-    let http = reqwest::Client::new();
-    let created = http
-        .post(format!("{base}/api/schedules"))
+    let mut r =
+        LoggedReplica::start(&db.url, &[("LOG_FORMAT", "json"), ("RUST_LOG", "info")]).await;
+    let created = reqwest::Client::new()
+        .post(r.url("/api/schedules"))
         .bearer_auth(ADMIN_TOKEN)
         .json(&serde_json::json!({
             "title": "Logged", "startsAt": "2027-01-01T19:30:00Z", "rows": 2, "cols": 2
@@ -198,19 +167,14 @@ async fn json_log_lines_of_a_request_carry_its_request_id() {
         .to_owned();
 
     // Every line is JSON; the one the handler logged names the request.
-    let line = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(line) = stderr.next_line().await.unwrap() {
-            let v: Value = serde_json::from_str(&line)
+    let raw = r
+        .log_line(Duration::from_secs(10), |line| {
+            let v: Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-            if v["fields"]["message"] == "schedule created" {
-                return (v, line);
-            }
-        }
-        panic!("stderr ended before the schedule was logged");
-    })
-    .await
-    .expect("the creation is logged within 10 s");
-    let (v, raw) = line;
+            v["fields"]["message"] == "schedule created"
+        })
+        .await;
+    let v: Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(v["span"]["request_id"], id.as_str(), "{raw}");
     assert_eq!(v["span"]["route"], "/api/schedules", "{raw}");
     println!("json log line: {raw}");

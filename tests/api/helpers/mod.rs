@@ -5,6 +5,7 @@
 
 mod db;
 mod pg_cluster;
+mod process;
 mod replica;
 mod seat_map;
 mod sse;
@@ -17,6 +18,7 @@ use serde_json::Value;
 
 pub use db::*;
 pub use pg_cluster::*;
+pub use process::*;
 pub use replica::*;
 pub use seat_map::*;
 pub use sse::*;
