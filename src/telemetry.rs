@@ -124,4 +124,11 @@ fn describe_metrics() {
         "Streams cut off for falling too far behind (they resume)"
     );
     metrics::counter!("seatsync_sse_lagged_total").absolute(0);
+    describe_counter!(
+        "seatsync_rate_limited_total",
+        "Requests refused with 429, by limit: user (starts) or address"
+    );
+    for limit in ["user", "address"] {
+        metrics::counter!("seatsync_rate_limited_total", "limit" => limit).absolute(0);
+    }
 }
