@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 . deploy/lib.sh
 ensure_cargo
 ensure_postgres_binaries
+ensure_nginx
 
 BIN=$(pg_bin_dir)
 PRIVATE_PG=""

@@ -14,5 +14,6 @@ mod helpers;
 mod hold_invariant;
 mod lifecycle;
 mod listener_failure;
+mod nginx;
 mod realtime;
 mod smoke;

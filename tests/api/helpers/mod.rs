@@ -1,8 +1,9 @@
 //! Shared test plumbing: per-test databases (`db`), replica processes and
-//! the HTTP contract (`replica`), an SSE reader (`sse`), and seat maps
-//! kept the way the page keeps them (`seat_map`).
+//! the HTTP contract (`replica`), an SSE reader (`sse`), seat maps kept the
+//! way the page keeps them (`seat_map`), and nginx in front (`nginx`).
 
 mod db;
+mod nginx;
 mod replica;
 mod seat_map;
 mod sse;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub use db::*;
+pub use nginx::*;
 pub use replica::*;
 pub use seat_map::*;
 pub use sse::*;
