@@ -45,3 +45,12 @@ ensure_nginx() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nginx >/dev/null
 }
 
+# Debian's `pgbouncer`, for deploy/cluster.sh --pgbouncer.
+ensure_pgbouncer() {
+  if [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "seatsync: installing PgBouncer (Debian package 'pgbouncer')" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq pgbouncer >/dev/null
+}
