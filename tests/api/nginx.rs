@@ -298,6 +298,19 @@ async fn rolling_restart_under_load_loses_no_event_and_no_request() {
         ledger.confirmed.len(),
         ledger.cancelled.len(),
     );
+    // The reason for each 502, in nginx's words (a replica gone is
+    // "Connection refused"; a keep-alive connection the stopping replica
+    // closed as nginx sent on it is "prematurely closed" / "reset").
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for e in cluster.nginx.errors() {
+        let why = e.split(" while ").next().unwrap_or(&e);
+        let why = why
+            .split("*")
+            .nth(1)
+            .map_or(why, |w| w.split_once(' ').map_or(w, |x| x.1));
+        *reasons.entry(why.to_owned()).or_default() += 1;
+    }
+    println!("nginx error log: {reasons:?}");
     assert_eq!(
         reconnects, ended_streams,
         "every stream a shutdown ended reconnects, once"

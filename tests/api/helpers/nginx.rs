@@ -247,6 +247,17 @@ upstream_status=$upstream_status id=$req_id';
             })
             .collect()
     }
+
+    /// Why nginx failed requests: the `[error]` lines of its error log
+    /// (refused connects, connections a replica closed under a request).
+    pub fn errors(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("logs/error.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("[error]"))
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Drop for Nginx {
