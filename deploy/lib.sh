@@ -72,3 +72,16 @@ ensure_browser_test_deps() {
     (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
   fi
 }
+
+# Debian's `nginx`: the load balancer of deploy/cluster.sh and of the
+# integration tests behind nginx (tests/api/nginx.rs). Both run nginx with a
+# prefix, pid file and logs of their own, never the system's instance (which
+# the package may start on port 80).
+ensure_nginx() {
+  if [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "seatsync: installing nginx (Debian package 'nginx')" >&2
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq nginx >/dev/null
+}

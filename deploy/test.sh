@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 ensure_postgres_binaries
 ensure_pgbouncer
+ensure_nginx
 
 BIN=$(pg_bin_dir)
 PRIVATE_PG=""

@@ -1,9 +1,11 @@
 //! Shared test plumbing: per-test databases (`db`), replica processes and
-//! the HTTP contract (`replica`), an SSE reader (`sse`), and seat maps
-//! kept the way the page keeps them (`seat_map`), private PostgreSQL
-//! clusters and PgBouncers (`pg_cluster`).
+//! the HTTP contract (`replica`), an SSE reader (`sse`), seat maps kept the
+//! way the page keeps them (`seat_map`), private PostgreSQL clusters and
+//! PgBouncers (`pg_cluster`), nginx in front (`nginx`), and replicas whose
+//! log is read (`process`).
 
 mod db;
+mod nginx;
 mod pg_cluster;
 mod process;
 mod replica;
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub use db::*;
+pub use nginx::*;
 pub use pg_cluster::*;
 pub use process::*;
 pub use replica::*;

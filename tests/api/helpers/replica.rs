@@ -42,9 +42,11 @@ pub fn start_body(schedule: i64, seats: &[(i64, i64)]) -> Value {
     json!({"scheduleId": schedule, "seats": seats})
 }
 
-/// A running `seatsync serve` process on a free port.
+/// A running `seatsync serve` process on a free port, or (from
+/// [`Replica::behind`]) the same client for an address in front of replicas.
 pub struct Replica {
-    child: Child,
+    /// None for [`Replica::behind`]: no process of its own.
+    child: Option<Child>,
     pub base: String,
     pub http: reqwest::Client,
 }
@@ -99,7 +101,7 @@ impl Replica {
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let replica = Replica {
-            child,
+            child: Some(child),
             base,
             http: reqwest::Client::new(),
         };
@@ -108,6 +110,16 @@ impl Replica {
         })
         .await;
         replica
+    }
+
+    /// The HTTP contract at `base`, served by replicas behind a proxy (nginx)
+    /// rather than by a process this value runs.
+    pub fn behind(base: &str) -> Replica {
+        Replica {
+            child: None,
+            base: base.to_owned(),
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -131,23 +143,26 @@ impl Replica {
 
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.child.as_ref()?.id()
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub async fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("running");
+        let child = self.child.as_mut().expect("a replica process");
+        let pid = child.id().expect("running");
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
-        tokio::time::timeout(timeout, self.child.wait())
+        tokio::time::timeout(timeout, child.wait())
             .await
             .expect("replica did not exit in time after SIGTERM")
             .expect("wait")
     }
 
     pub async fn kill(&mut self) {
-        let _ = self.child.kill().await;
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill().await;
+        }
     }
 
     /// A raw request; returns status, headers and the body as JSON (Null if not JSON).

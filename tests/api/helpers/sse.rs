@@ -98,6 +98,14 @@ impl SseClient {
         }
     }
 
+    /// Whether the stream has ended (closed by the server or a proxy in
+    /// between) and every frame it carried was handed out: where EventSource
+    /// reconnects.
+    pub fn ended(&self) -> bool {
+        // In this order: once the reader finished, nothing more is queued.
+        self.task.is_finished() && self.rx.is_empty()
+    }
+
     pub fn close(self) {
         self.task.abort();
     }
