@@ -37,6 +37,9 @@ pub enum DbError {
     /// A statement that always returns a row returned none.
     #[error("no row returned by: {0}")]
     NoRow(&'static str),
+    /// Data the schema's constraints should have kept out.
+    #[error("unexpected data: {0}")]
+    Unexpected(&'static str),
 }
 
 /// An error and its causes as one line. tokio-postgres shows only its own

@@ -53,6 +53,13 @@ pub struct SeatEvent {
     /// microseconds since the epoch; only notifications carry it.
     #[serde(default)]
     pub at_micros: Option<i64>,
+    /// For `OCCUPIED` notifications: the holding user.
+    #[serde(default)]
+    pub holder: Option<uuid::Uuid>,
+    /// For `OCCUPIED` notifications: when the hold expires (database clock,
+    /// microseconds since the epoch).
+    #[serde(default)]
+    pub expires_at_micros: Option<i64>,
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::auth::TokenAuthority;
 use crate::config::Config;
 use crate::db::{build_pool, migrate, Db, DbError};
 use crate::embedded_pg::{EmbeddedError, EmbeddedPostgres};
+use crate::holds::live_map::LiveMaps;
 use crate::holds::postgres::PgSeatStore;
 use crate::holds::sweeper::run_sweeper;
 use crate::holds::SeatStore;
@@ -124,6 +125,7 @@ impl Application {
         let secret = config.auth_secret.clone().unwrap_or_default();
         // Events a viewer may fall behind before it is cut off (see `ScheduleHubs`).
         let shutdown = CancellationToken::new();
+        let listener_ready = Arc::new(AtomicBool::new(false));
         let state = AppState {
             store: Arc::new(PgSeatStore::new(db.clone())) as Arc<dyn SeatStore>,
             schedules: ScheduleCatalog::new(db.clone()),
@@ -142,7 +144,8 @@ impl Application {
                 config.heartbeat(),
                 shutdown.clone(),
             ),
-            listener_ready: Arc::new(AtomicBool::new(false)),
+            live_maps: LiveMaps::new(listener_ready.clone()),
+            listener_ready,
             sse_connections: Arc::new(AtomicUsize::new(0)),
             abuse: Arc::new(AbuseLimits::new(LimitSettings {
                 user_starts_per_second: config.rate_limit_user,
@@ -233,6 +236,7 @@ impl Application {
             ListenerRelay::new(
                 listen_url,
                 state.streams.hubs().clone(),
+                state.live_maps.clone(),
                 state.streams.log().clone(),
                 state.listener_ready.clone(),
                 shutdown.clone(),
@@ -240,8 +244,12 @@ impl Application {
             .run(),
         );
         tasks.spawn(
-            "limits",
-            forget_idle_clients(state.abuse.clone(), shutdown.clone()),
+            "housekeeping",
+            housekeeping(
+                state.abuse.clone(),
+                state.live_maps.clone(),
+                shutdown.clone(),
+            ),
         );
 
         tokio::spawn({
@@ -290,16 +298,23 @@ impl Application {
     }
 }
 
-/// Forgets the rate-limit state of clients that went quiet, every minute.
-async fn forget_idle_clients(abuse: Arc<AbuseLimits>, shutdown: CancellationToken) {
-    let mut every = tokio::time::interval(Duration::from_secs(60));
+/// Every so often: forgets the rate-limit state of clients and the live
+/// maps of showings that went quiet, so memory follows what is busy now.
+async fn housekeeping(abuse: Arc<AbuseLimits>, maps: LiveMaps, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(15));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = every.tick() => abuse.forget_idle(),
+            _ = every.tick() => {
+                abuse.forget_idle();
+                maps.forget_quiet(LIVE_MAP_QUIET);
+            }
         }
     }
 }
+
+/// A showing's live map is dropped after this long without a start.
+const LIVE_MAP_QUIET: Duration = Duration::from_secs(60);
 
 /// How a supervised task ended.
 struct Ended {

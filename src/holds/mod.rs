@@ -5,6 +5,7 @@
 //! take its place without the handlers noticing.
 
 pub mod allocate;
+pub mod live_map;
 pub mod postgres;
 pub mod sweeper;
 
@@ -181,6 +182,9 @@ pub trait SeatStore: Send + Sync + 'static {
     async fn release_expired(&self, limit: i64) -> Result<usize, HoldError>;
     /// Held and sold seats with the last event id they reflect.
     async fn seat_snapshot(&self, schedule_id: i64) -> Result<SeatSnapshot, HoldError>;
+    /// The same with every hold's holder and expiry, and the store's clock:
+    /// what a replica's live seat map starts from.
+    async fn map_snapshot(&self, schedule_id: i64) -> Result<live_map::MapSnapshot, HoldError>;
 }
 
 /// Checks a best-available party size: an integer in 1..=`max_seats`. A

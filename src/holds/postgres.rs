@@ -18,6 +18,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::allocate::{best_blocks, FreeMap};
+use super::live_map::MapSnapshot;
 use super::{
     Booking, BookingStatus, HoldError, HoldOutcome, HoldRequest, SeatChoice, SeatSnapshot,
     SeatState, SeatStore,
@@ -139,7 +140,9 @@ const DELETE_SEATS_OF: Sql = Sql {
 /// Bumps the schedule's counter (its row lock orders event ids by commit),
 /// logs the event and notifies, all in one round trip. The notification
 /// carries the database clock at this last statement before commit, so
-/// replicas can measure how long events take to reach their clients.
+/// replicas can measure how long events take to reach their clients, and
+/// for a hold its holder and expiry, for the replicas' live seat maps (the
+/// public stream carries neither).
 const APPEND_EVENT: Sql = Sql {
     text: "WITH bumped AS ( \
        UPDATE schedule_event_counters SET last_event_id = last_event_id + 1 \
@@ -150,9 +153,18 @@ const APPEND_EVENT: Sql = Sql {
      ) \
      SELECT event_id, pg_notify($4, json_build_object( \
        'scheduleId', $1::bigint, 'eventId', event_id, 'action', $2::text, 'seats', $3::jsonb, \
-       'atMicros', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text)::text \
+       'atMicros', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, \
+       'holder', $5::uuid, 'expiresAtMicros', (extract(epoch FROM $6::timestamptz) * 1000000)::bigint \
+     )::text)::text \
      FROM logged",
-    types: &[Type::INT8, Type::TEXT, Type::JSONB, Type::TEXT],
+    types: &[
+        Type::INT8,
+        Type::TEXT,
+        Type::JSONB,
+        Type::TEXT,
+        Type::UUID,
+        Type::TIMESTAMPTZ,
+    ],
 };
 
 const GET_BOOKING: Sql = Sql {
@@ -204,6 +216,20 @@ const SWEEP_EXPIRED: Sql = Sql {
     types: &[Type::INT8],
 };
 
+/// A live map's start: one statement, so the counter, the seats, their
+/// holders and the clock come from one snapshot.
+const MAP_SNAPSHOT: Sql = Sql {
+    text: "SELECT sc.last_event_id, \
+       (extract(epoch FROM statement_timestamp()) * 1000000)::bigint, \
+       st.row_num, st.col_num, st.status, b.user_id, \
+       (extract(epoch FROM st.expires_at) * 1000000)::bigint \
+     FROM schedule_event_counters sc \
+     LEFT JOIN schedule_seat_status st ON st.schedule_id = sc.schedule_id \
+     LEFT JOIN bookings b ON b.id = st.booking_id \
+     WHERE sc.schedule_id = $1",
+    types: &[Type::INT8],
+};
+
 /// One statement, so the counter and the seats come from one snapshot.
 const SNAPSHOT: Sql = Sql {
     text: "SELECT sc.last_event_id, st.row_num, st.col_num, st.status \
@@ -234,6 +260,9 @@ struct PendingEvent {
     schedule_id: i64,
     action: SeatAction,
     seats: Vec<Seat>,
+    /// For `OCCUPIED`: who holds the seats and until when, carried by the
+    /// notification (not the public stream) for the replicas' live maps.
+    hold: Option<(Uuid, DateTime<Utc>)>,
 }
 
 /// Collects a transaction's events and appends them last, in schedule order.
@@ -246,6 +275,22 @@ impl EventBatch {
             schedule_id,
             action,
             seats,
+            hold: None,
+        });
+    }
+
+    fn push_hold(
+        &mut self,
+        schedule_id: i64,
+        seats: Vec<Seat>,
+        holder: Uuid,
+        expires_at: DateTime<Utc>,
+    ) {
+        self.0.push(PendingEvent {
+            schedule_id,
+            action: SeatAction::Occupied,
+            seats,
+            hold: Some((holder, expires_at)),
         });
     }
 
@@ -253,6 +298,8 @@ impl EventBatch {
         // Stable: a schedule's RELEASED stays before its OCCUPIED.
         self.0.sort_by_key(|e| e.schedule_id);
         for e in &self.0 {
+            let holder = e.hold.map(|(user, _)| user);
+            let expires_at = e.hold.map(|(_, at)| at);
             tx.query_one(
                 &APPEND_EVENT,
                 &[
@@ -260,6 +307,8 @@ impl EventBatch {
                     &e.action.as_str(),
                     &Json(&e.seats),
                     &NOTIFY_CHANNEL,
+                    &holder,
+                    &expires_at,
                 ],
             )
             .await?;
@@ -562,7 +611,7 @@ async fn insert_hold(
         return Ok(Inserted::Lost(missing));
     }
 
-    events.push(req.schedule_id, SeatAction::Occupied, seats.to_vec());
+    events.push_hold(req.schedule_id, seats.to_vec(), req.user_id, expires_at);
     Ok(Inserted::Decided(Decision::Commit(Ok(HoldOutcome {
         booking: Booking {
             id: booking_id,
@@ -922,6 +971,43 @@ impl SeatStore for PgSeatStore {
 
     async fn release_expired(&self, limit: i64) -> Result<usize, HoldError> {
         self.in_transaction("sweep", Sweep { limit }).await
+    }
+
+    async fn map_snapshot(&self, schedule_id: i64) -> Result<MapSnapshot, HoldError> {
+        let conn = self.db.conn().await?;
+        let rows = conn.query(&MAP_SNAPSHOT, &[&schedule_id]).await?;
+        let Some(first) = rows.first() else {
+            return Err(HoldError::ScheduleNotFound(schedule_id));
+        };
+        let mut snapshot = MapSnapshot {
+            last_event_id: first.try_get(0).map_err(DbError::from)?,
+            db_now_micros: first.try_get(1).map_err(DbError::from)?,
+            seats: Vec::with_capacity(rows.len()),
+        };
+        for row in &rows {
+            let read = || -> Result<_, tokio_postgres::Error> {
+                Ok((
+                    row.try_get::<_, Option<i16>>(2)?,
+                    row.try_get::<_, Option<i16>>(3)?,
+                    row.try_get::<_, Option<SeatAction>>(4)?,
+                    row.try_get::<_, Option<Uuid>>(5)?,
+                    row.try_get::<_, Option<i64>>(6)?,
+                ))
+            };
+            let (Some(r), Some(c), Some(status), holder, expires) =
+                read().map_err(DbError::from)?
+            else {
+                continue;
+            };
+            let hold = match (status, holder, expires) {
+                (SeatAction::Confirmed, _, _) => None,
+                (_, Some(holder), Some(expires)) => Some((holder, expires)),
+                // A row the schema does not allow; refuse to guess.
+                _ => return Err(DbError::Unexpected("a seat hold without holder or expiry").into()),
+            };
+            snapshot.seats.push((Seat { row: r, col: c }, hold));
+        }
+        Ok(snapshot)
     }
 
     async fn seat_snapshot(&self, schedule_id: i64) -> Result<SeatSnapshot, HoldError> {

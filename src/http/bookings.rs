@@ -1,8 +1,8 @@
 //! Bookings: start (hold), read, confirm, cancel.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -13,6 +13,7 @@ use super::auth::User;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, BookingIdPath};
 use super::AppState;
+use crate::holds::live_map::Verdict;
 use crate::holds::{
     validate_quantity, validate_seats, Booking, BookingStatus, HoldError, HoldRequest, SeatChoice,
 };
@@ -77,6 +78,22 @@ impl From<Booking> for BookingResponse {
 
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Says which part of the replica answered a start: `memory` when its live
+/// seat map did (see `holds::live_map`); absent when the database did.
+static ANSWERED_FROM: HeaderName = HeaderName::from_static("x-answered-from");
+
+fn count_start(outcome: &'static str, answered_from: &'static str) {
+    metrics::counter!("seatsync_booking_starts_total", "outcome" => outcome, "answered_from" => answered_from)
+        .increment(1);
+    match outcome {
+        "held" => metrics::counter!("seatsync_holds_total", "outcome" => "started").increment(1),
+        "seats_taken" | "no_seats_together" => {
+            metrics::counter!("seatsync_holds_total", "outcome" => "conflicted").increment(1)
+        }
+        _ => {}
+    }
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
@@ -113,7 +130,7 @@ pub async fn start_booking(
     User(user_id): User,
     headers: HeaderMap,
     ApiJson(req): ApiJson<StartBookingRequest>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Response, ApiError> {
     state.abuse.check_user_start(user_id)?;
     let idempotency_key = idempotency_key(&headers)?;
     if req.schedule_id <= 0 {
@@ -147,6 +164,20 @@ pub async fn start_booking(
             ))
         }
     };
+    if let SeatChoice::Seats(seats) = &choice {
+        let now = Utc::now().timestamp_micros();
+        match state.live_maps.verdict(schedule.id, user_id, seats, now) {
+            Verdict::Taken(taken) => {
+                count_start("seats_taken", "memory");
+                // Which answers the replica's live map gave: for operators
+                // and for the tests of its guarantee.
+                let header = [(ANSWERED_FROM.clone(), HeaderValue::from_static("memory"))];
+                return Ok((header, ApiError::from(HoldError::SeatsTaken(taken))).into_response());
+            }
+            Verdict::Load => state.live_maps.load(state.store.clone(), schedule.id),
+            Verdict::AskTheDatabase => {}
+        }
+    }
     let request = HoldRequest {
         user_id,
         schedule_id: schedule.id,
@@ -164,19 +195,13 @@ pub async fn start_booking(
         Err(HoldError::NoSeatsTogether { .. }) => "no_seats_together",
         Err(_) => "refused",
     };
-    metrics::counter!("seatsync_booking_starts_total", "outcome" => label).increment(1);
-    match label {
-        "held" => metrics::counter!("seatsync_holds_total", "outcome" => "started").increment(1),
-        "seats_taken" | "no_seats_together" => {
-            metrics::counter!("seatsync_holds_total", "outcome" => "conflicted").increment(1)
-        }
-        _ => {}
-    }
+    count_start(label, "database");
     let outcome = result?;
     Ok((
         StatusCode::CREATED,
         Json(BookingResponse::from(outcome.booking)),
-    ))
+    )
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/api/bookings/{id}", tag = "bookings",

@@ -79,6 +79,8 @@ impl EventLog {
                     action: row.try_get(1).map_err(DbError::from)?,
                     seats,
                     at_micros: None,
+                    holder: None,
+                    expires_at_micros: None,
                 });
                 pos = event_id;
             }

@@ -170,6 +170,8 @@ mod tests {
             action: SeatAction::Occupied,
             seats: vec![Seat { row: 1, col: 1 }],
             at_micros: None,
+            holder: None,
+            expires_at_micros: None,
         }
     }
 

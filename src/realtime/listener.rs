@@ -17,6 +17,7 @@ use super::event_log::EventLog;
 use super::hub::ScheduleHubs;
 use crate::db::{pg_config, DbError};
 use crate::events::{SeatEvent, NOTIFY_CHANNEL};
+use crate::holds::live_map::LiveMaps;
 
 /// How often the listener proves its connection alive with a query: a
 /// half-open socket would otherwise look healthy while nothing arrives.
@@ -38,6 +39,7 @@ pub const LISTENER_APPLICATION_NAME: &str = "seatsync-listener";
 pub struct ListenerRelay {
     url: String,
     hubs: ScheduleHubs,
+    maps: LiveMaps,
     log: EventLog,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
@@ -47,6 +49,7 @@ impl ListenerRelay {
     pub fn new(
         url: String,
         hubs: ScheduleHubs,
+        maps: LiveMaps,
         log: EventLog,
         ready: Arc<AtomicBool>,
         shutdown: CancellationToken,
@@ -54,6 +57,7 @@ impl ListenerRelay {
         Self {
             url,
             hubs,
+            maps,
             log,
             ready,
             shutdown,
@@ -119,6 +123,8 @@ impl ListenerRelay {
         // Everything committed while we were not listening is in the log:
         // replay it to the schedules that have viewers before going live.
         self.hubs.begin_generation();
+        // What was committed while no one listened never reaches the maps.
+        self.maps.reset();
         self.close_gaps().await;
         self.set_ready(true);
         *backoff = BACKOFF_MIN;
@@ -149,6 +155,7 @@ impl ListenerRelay {
             Ok(event) => {
                 metrics::counter!("seatsync_events_relayed_total").increment(1);
                 self.hubs.publish(&event);
+                self.maps.relay(&event);
                 // Commit to hand-over to this replica's streams, which write
                 // it at once. Across machines this includes clock skew.
                 if let Some(at) = event.at_micros {

@@ -64,6 +64,8 @@ mod tests {
             action: SeatAction::Occupied,
             seats: vec![Seat { row: 1, col: 5 }, Seat { row: 1, col: 6 }],
             at_micros: Some(1),
+            holder: None,
+            expires_at_micros: None,
         };
         assert_eq!(
             Frame::of(&e).bytes,

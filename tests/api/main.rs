@@ -16,6 +16,7 @@ mod helpers;
 mod hold_invariant;
 mod lifecycle;
 mod listener_failure;
+mod live_map;
 mod nginx;
 mod observability;
 mod pgbouncer;

@@ -1,0 +1,461 @@
+//! A live seat map per hot showing, on every replica, so that a start
+//! doomed to `409 seats_taken` is answered without the database.
+//!
+//! Every replica already receives every seat event through its LISTEN
+//! connection. A map is loaded from the database on first use (one read: the
+//! held and sold seats with their holders and expiries, the event id they
+//! reflect, and the database clock), then kept current by the relay. It is
+//! trusted only while it has no gap: events must follow one another by id
+//! (ids are dense per showing), a listener reconnect drops every map, and a
+//! map unused for a while is dropped too.
+//!
+//! The guarantee: a `409` answered from a map names seats that were held or
+//! sold at a committed state at most one notification delay old, and never a
+//! seat that is free by the database clock. A seat counts as taken only when
+//! it is sold, or held by another user until a time that the database clock
+//! cannot have reached yet (bounded from above by the clock reading taken at
+//! load). Anything else (a hold near its expiry, the user's own hold, a hold
+//! whose expiry the map does not know, a seat the map has not seen, no map)
+//! goes to the transaction, and a `201` only ever comes from the database.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::SeatStore;
+use crate::events::{SeatAction, SeatEvent};
+use crate::schedules::Seat;
+
+/// How far past the clock bound a hold must last to count as taken: covers
+/// the clock drifting between loads.
+const EXPIRY_MARGIN_MICROS: i64 = 500_000;
+
+/// What a map knows of a seat that is not free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    Sold,
+    /// Held; by whom and until when (database clock, microseconds), when
+    /// the event that said so carried it.
+    Held {
+        holder: Option<Uuid>,
+        expires_at_micros: Option<i64>,
+    },
+}
+
+/// The held and sold seats of a showing as one database read saw them.
+#[derive(Debug, Clone)]
+pub struct MapSnapshot {
+    pub last_event_id: i64,
+    /// Seat, sold or held (holder, expiry in microseconds).
+    pub seats: Vec<(Seat, Option<(Uuid, i64)>)>,
+    /// The database clock during the read, microseconds since the epoch.
+    pub db_now_micros: i64,
+}
+
+enum ShowMap {
+    /// Being loaded: events relayed meanwhile wait here, so none falls
+    /// between the read and the map.
+    Loading {
+        buffered: Vec<SeatEvent>,
+    },
+    Live(LiveShow),
+}
+
+struct LiveShow {
+    last_event_id: i64,
+    taken: HashMap<Seat, Taken>,
+    /// Upper bound of (database clock - this replica's clock), microseconds.
+    clock_ahead_micros: i64,
+    last_used: Instant,
+}
+
+impl LiveShow {
+    /// Applies the next event; false when it is not the next (a gap).
+    fn apply(&mut self, event: &SeatEvent) -> bool {
+        if event.event_id <= self.last_event_id {
+            return true;
+        }
+        if event.event_id != self.last_event_id + 1 {
+            return false;
+        }
+        for seat in &event.seats {
+            match event.action {
+                SeatAction::Occupied => {
+                    self.taken.insert(
+                        *seat,
+                        Taken::Held {
+                            holder: event.holder,
+                            expires_at_micros: event.expires_at_micros,
+                        },
+                    );
+                }
+                SeatAction::Confirmed => {
+                    self.taken.insert(*seat, Taken::Sold);
+                }
+                SeatAction::Released => {
+                    self.taken.remove(seat);
+                }
+            }
+        }
+        self.last_event_id = event.event_id;
+        true
+    }
+}
+
+/// What a map says about a start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// These of the requested seats are taken, and every other requested
+    /// seat is known free: `409 seats_taken` with exactly these.
+    Taken(Vec<Seat>),
+    /// Only the transaction can say.
+    AskTheDatabase,
+    /// As above, and there is no map yet: load one.
+    Load,
+}
+
+/// The live maps of this replica.
+#[derive(Clone)]
+pub struct LiveMaps {
+    maps: Arc<Mutex<HashMap<i64, ShowMap>>>,
+    /// Whether the LISTEN connection is up: no map is trusted otherwise.
+    listener_up: Arc<AtomicBool>,
+}
+
+impl LiveMaps {
+    pub fn new(listener_up: Arc<AtomicBool>) -> Self {
+        Self {
+            maps: Arc::default(),
+            listener_up,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<i64, ShowMap>> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides a start of `user` for `seats` (sorted) if the map can;
+    /// `now_micros` is this replica's clock.
+    pub fn verdict(
+        &self,
+        schedule_id: i64,
+        user: Uuid,
+        seats: &[Seat],
+        now_micros: i64,
+    ) -> Verdict {
+        if !self.listener_up.load(Ordering::SeqCst) {
+            return Verdict::AskTheDatabase;
+        }
+        let mut maps = self.lock();
+        let show = match maps.get_mut(&schedule_id) {
+            None => return Verdict::Load,
+            Some(ShowMap::Loading { .. }) => return Verdict::AskTheDatabase,
+            Some(ShowMap::Live(show)) => show,
+        };
+        show.last_used = Instant::now();
+        let db_now_bound = now_micros + show.clock_ahead_micros;
+        let mut taken = Vec::new();
+        for seat in seats {
+            match show.taken.get(seat) {
+                None => {}
+                Some(Taken::Sold) => taken.push(*seat),
+                Some(Taken::Held {
+                    holder: Some(holder),
+                    expires_at_micros: Some(expires),
+                }) if *holder != user && *expires > db_now_bound + EXPIRY_MARGIN_MICROS => {
+                    taken.push(*seat)
+                }
+                // The user's own hold (booking_in_progress, an idempotent
+                // replay), a hold near or past its expiry, or one whose
+                // holder or expiry the map does not know.
+                Some(Taken::Held { .. }) => return Verdict::AskTheDatabase,
+            }
+        }
+        if taken.is_empty() {
+            Verdict::AskTheDatabase
+        } else {
+            Verdict::Taken(taken)
+        }
+    }
+
+    /// Marks a map as loading; false when one exists or is loading already.
+    pub fn begin_load(&self, schedule_id: i64) -> bool {
+        let mut maps = self.lock();
+        if maps.contains_key(&schedule_id) {
+            return false;
+        }
+        maps.insert(
+            schedule_id,
+            ShowMap::Loading {
+                buffered: Vec::new(),
+            },
+        );
+        true
+    }
+
+    /// Installs the map read as `snapshot` (read after [`Self::begin_load`]),
+    /// with the events relayed since. `read_started_micros` is this
+    /// replica's clock when the read was sent.
+    pub fn finish_load(&self, schedule_id: i64, snapshot: MapSnapshot, read_started_micros: i64) {
+        let mut maps = self.lock();
+        let Some(ShowMap::Loading { buffered }) = maps.remove(&schedule_id) else {
+            // Dropped meanwhile (a listener reconnect): start over later.
+            return;
+        };
+        let mut show = LiveShow {
+            last_event_id: snapshot.last_event_id,
+            taken: snapshot
+                .seats
+                .into_iter()
+                .map(|(seat, hold)| {
+                    let state = match hold {
+                        None => Taken::Sold,
+                        Some((holder, expires)) => Taken::Held {
+                            holder: Some(holder),
+                            expires_at_micros: Some(expires),
+                        },
+                    };
+                    (seat, state)
+                })
+                .collect(),
+            // The read happened after it was sent: the database clock was
+            // at most this far ahead of ours.
+            clock_ahead_micros: snapshot.db_now_micros - read_started_micros,
+            last_used: Instant::now(),
+        };
+        if buffered.iter().all(|e| show.apply(e)) {
+            maps.insert(schedule_id, ShowMap::Live(show));
+        }
+    }
+
+    /// Loads the showing's map in the background, unless one exists or is
+    /// loading.
+    pub fn load(&self, store: Arc<dyn SeatStore>, schedule_id: i64) {
+        if !self.begin_load(schedule_id) {
+            return;
+        }
+        let maps = self.clone();
+        tokio::spawn(async move {
+            let started = chrono::Utc::now().timestamp_micros();
+            match store.map_snapshot(schedule_id).await {
+                Ok(snapshot) => maps.finish_load(schedule_id, snapshot, started),
+                Err(e) => {
+                    tracing::debug!(schedule_id, error = %e, "live seat map not loaded");
+                    maps.abandon_load(schedule_id);
+                }
+            }
+        });
+    }
+
+    /// Gives up a load that failed.
+    pub fn abandon_load(&self, schedule_id: i64) {
+        let mut maps = self.lock();
+        if matches!(maps.get(&schedule_id), Some(ShowMap::Loading { .. })) {
+            maps.remove(&schedule_id);
+        }
+    }
+
+    /// Feeds a relayed event to its showing's map, if it has one. A gap
+    /// drops the map: it is reloaded on a later start.
+    pub fn relay(&self, event: &SeatEvent) {
+        let mut maps = self.lock();
+        let gap = match maps.get_mut(&event.schedule_id) {
+            None => false,
+            Some(ShowMap::Loading { buffered }) => {
+                buffered.push(event.clone());
+                false
+            }
+            Some(ShowMap::Live(show)) => !show.apply(event),
+        };
+        if gap {
+            maps.remove(&event.schedule_id);
+            metrics::counter!("seatsync_live_map_gaps_total").increment(1);
+        }
+    }
+
+    /// Drops every map: called when the listener (re)connects, since
+    /// notifications sent while it was down are gone.
+    pub fn reset(&self) {
+        self.lock().clear();
+    }
+
+    /// Drops maps no start has used for `quiet`.
+    pub fn forget_quiet(&self, quiet: Duration) {
+        self.lock().retain(|_, map| match map {
+            ShowMap::Loading { .. } => true,
+            ShowMap::Live(show) => show.last_used.elapsed() < quiet,
+        });
+    }
+
+    /// Showings with a live map (for `/metrics`).
+    pub fn live_count(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|m| matches!(m, ShowMap::Live(_)))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: i64 = 1_000_000;
+
+    fn seat(row: i16, col: i16) -> Seat {
+        Seat { row, col }
+    }
+
+    fn event(id: i64, action: SeatAction, seats: &[Seat], hold: Option<(Uuid, i64)>) -> SeatEvent {
+        SeatEvent {
+            schedule_id: 1,
+            event_id: id,
+            action,
+            seats: seats.to_vec(),
+            at_micros: None,
+            holder: hold.map(|h| h.0),
+            expires_at_micros: hold.map(|h| h.1),
+        }
+    }
+
+    fn loaded(seats: Vec<(Seat, Option<(Uuid, i64)>)>, last: i64) -> LiveMaps {
+        let maps = LiveMaps::new(Arc::new(AtomicBool::new(true)));
+        assert!(maps.begin_load(1));
+        maps.finish_load(
+            1,
+            MapSnapshot {
+                last_event_id: last,
+                seats,
+                db_now_micros: 1000 * SECOND,
+            },
+            1000 * SECOND,
+        );
+        maps
+    }
+
+    #[test]
+    fn sold_and_long_held_seats_are_taken_everything_else_asks() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let now = 1000 * SECOND;
+        let maps = loaded(
+            vec![
+                (seat(1, 1), None),
+                (seat(1, 2), Some((alice, now + 60 * SECOND))),
+                (seat(1, 3), Some((alice, now + SECOND / 10))),
+            ],
+            5,
+        );
+        let verdict = |user, seats: &[Seat]| maps.verdict(1, user, seats, now);
+        assert_eq!(
+            verdict(bob, &[seat(1, 1), seat(2, 1)]),
+            Verdict::Taken(vec![seat(1, 1)])
+        );
+        assert_eq!(
+            verdict(bob, &[seat(1, 2)]),
+            Verdict::Taken(vec![seat(1, 2)])
+        );
+        // Her own hold: the database says booking_in_progress.
+        assert_eq!(verdict(alice, &[seat(1, 2)]), Verdict::AskTheDatabase);
+        // About to expire: it may be free by the database clock.
+        assert_eq!(
+            verdict(bob, &[seat(1, 1), seat(1, 3)]),
+            Verdict::AskTheDatabase
+        );
+        assert_eq!(verdict(bob, &[seat(2, 2)]), Verdict::AskTheDatabase);
+        assert_eq!(maps.verdict(2, bob, &[seat(1, 1)], now), Verdict::Load);
+    }
+
+    #[test]
+    fn events_keep_it_current_and_a_gap_drops_it() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let now = 1000 * SECOND;
+        let maps = loaded(vec![], 5);
+        let later = now + 300 * SECOND;
+        maps.relay(&event(
+            6,
+            SeatAction::Occupied,
+            &[seat(1, 1)],
+            Some((alice, later)),
+        ));
+        assert_eq!(
+            maps.verdict(1, bob, &[seat(1, 1)], now),
+            Verdict::Taken(vec![seat(1, 1)])
+        );
+        maps.relay(&event(7, SeatAction::Released, &[seat(1, 1)], None));
+        assert_eq!(
+            maps.verdict(1, bob, &[seat(1, 1)], now),
+            Verdict::AskTheDatabase
+        );
+        // Already applied: ignored. Event 9 without 8: the map is dropped.
+        maps.relay(&event(
+            7,
+            SeatAction::Occupied,
+            &[seat(1, 1)],
+            Some((alice, later)),
+        ));
+        maps.relay(&event(9, SeatAction::Confirmed, &[seat(1, 2)], None));
+        assert_eq!(maps.verdict(1, bob, &[seat(1, 2)], now), Verdict::Load);
+    }
+
+    #[test]
+    fn events_during_the_load_are_applied_after_it() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let now = 1000 * SECOND;
+        let maps = LiveMaps::new(Arc::new(AtomicBool::new(true)));
+        assert!(maps.begin_load(1));
+        assert!(!maps.begin_load(1));
+        // 4 is in the read, 5 came after it.
+        maps.relay(&event(
+            4,
+            SeatAction::Occupied,
+            &[seat(1, 1)],
+            Some((alice, now + 60 * SECOND)),
+        ));
+        maps.relay(&event(5, SeatAction::Confirmed, &[seat(1, 1)], None));
+        assert_eq!(
+            maps.verdict(1, bob, &[seat(1, 1)], now),
+            Verdict::AskTheDatabase
+        );
+        maps.finish_load(
+            1,
+            MapSnapshot {
+                last_event_id: 4,
+                seats: vec![(seat(1, 1), Some((alice, now + 60 * SECOND)))],
+                db_now_micros: now,
+            },
+            now,
+        );
+        assert_eq!(
+            maps.verdict(1, bob, &[seat(1, 1)], now),
+            Verdict::Taken(vec![seat(1, 1)])
+        );
+    }
+
+    #[test]
+    fn nothing_is_trusted_while_the_listener_is_down_or_after_it_reconnects() {
+        let bob = Uuid::new_v4();
+        let up = Arc::new(AtomicBool::new(true));
+        let maps = LiveMaps::new(up.clone());
+        assert!(maps.begin_load(1));
+        maps.finish_load(
+            1,
+            MapSnapshot {
+                last_event_id: 1,
+                seats: vec![(seat(1, 1), None)],
+                db_now_micros: 0,
+            },
+            0,
+        );
+        up.store(false, Ordering::SeqCst);
+        assert_eq!(
+            maps.verdict(1, bob, &[seat(1, 1)], 0),
+            Verdict::AskTheDatabase
+        );
+        up.store(true, Ordering::SeqCst);
+        maps.reset();
+        assert_eq!(maps.verdict(1, bob, &[seat(1, 1)], 0), Verdict::Load);
+    }
+}
