@@ -115,6 +115,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000), global = true)]
     pub db_pool_size: u32,
 
+    /// Hold transactions of one showing at once on this replica; the rest
+    /// of its starts queue, and the other showings keep the remaining
+    /// connections. 0: three quarters of DB_POOL_SIZE.
+    #[arg(long, env = "HOLD_CONCURRENCY_PER_SHOW", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_000), global = true)]
+    pub hold_concurrency_per_show: u32,
+
     /// How often the sweeper looks for expired holds, in milliseconds. Holds
     /// are released within this interval (plus one transaction) of expiry.
     #[arg(long, env = "SWEEP_INTERVAL_MS", default_value_t = 500,
@@ -263,6 +270,14 @@ impl Config {
                 (Some(pooled), Some(direct)) if pooled != direct => StatementMode::Unnamed,
                 _ => StatementMode::Prepared,
             })
+    }
+
+    /// `HOLD_CONCURRENCY_PER_SHOW`, or what 0 means.
+    pub fn holds_per_show(&self) -> usize {
+        match self.hold_concurrency_per_show {
+            0 => (self.db_pool_size as usize * 3 / 4).max(1),
+            n => n as usize,
+        }
     }
 
     pub fn heartbeat(&self) -> Duration {

@@ -18,6 +18,7 @@ use crate::auth::TokenAuthority;
 use crate::config::Config;
 use crate::db::{build_pool, migrate, Db, DbError};
 use crate::embedded_pg::{EmbeddedError, EmbeddedPostgres};
+use crate::holds::admission::ShowAdmission;
 use crate::holds::live_map::LiveMaps;
 use crate::holds::postgres::PgSeatStore;
 use crate::holds::sweeper::run_sweeper;
@@ -145,6 +146,7 @@ impl Application {
                 shutdown.clone(),
             ),
             live_maps: LiveMaps::new(listener_ready.clone()),
+            admission: ShowAdmission::new(config.holds_per_show()),
             listener_ready,
             sse_connections: Arc::new(AtomicUsize::new(0)),
             abuse: Arc::new(AbuseLimits::new(LimitSettings {
@@ -248,6 +250,7 @@ impl Application {
             housekeeping(
                 state.abuse.clone(),
                 state.live_maps.clone(),
+                state.admission.clone(),
                 shutdown.clone(),
             ),
         );
@@ -300,7 +303,12 @@ impl Application {
 
 /// Every so often: forgets the rate-limit state of clients and the live
 /// maps of showings that went quiet, so memory follows what is busy now.
-async fn housekeeping(abuse: Arc<AbuseLimits>, maps: LiveMaps, shutdown: CancellationToken) {
+async fn housekeeping(
+    abuse: Arc<AbuseLimits>,
+    maps: LiveMaps,
+    admission: ShowAdmission,
+    shutdown: CancellationToken,
+) {
     let mut every = tokio::time::interval(Duration::from_secs(15));
     loop {
         tokio::select! {
@@ -308,6 +316,7 @@ async fn housekeeping(abuse: Arc<AbuseLimits>, maps: LiveMaps, shutdown: Cancell
             _ = every.tick() => {
                 abuse.forget_idle();
                 maps.forget_quiet(LIVE_MAP_QUIET);
+                admission.forget_idle();
             }
         }
     }

@@ -4,6 +4,7 @@
 //! PostgreSQL implementation lives in [`postgres`], and a Redis one could
 //! take its place without the handlers noticing.
 
+pub mod admission;
 pub mod allocate;
 pub mod live_map;
 pub mod postgres;

@@ -184,10 +184,12 @@ pub async fn start_booking(
         choice,
         idempotency_key,
     };
+    let admitted = state.admission.enter(schedule.id).await;
     let result = state
         .store
         .hold_seats(request, state.limits.hold_seconds)
         .await;
+    drop(admitted);
     let label = match &result {
         Ok(o) if o.replayed => "replayed",
         Ok(_) => "held",

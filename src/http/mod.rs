@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::TokenAuthority;
 use crate::db::Db;
+use crate::holds::admission::ShowAdmission;
 use crate::holds::live_map::LiveMaps;
 use crate::holds::SeatStore;
 use crate::realtime::stream::SeatStreams;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub streams: SeatStreams,
     /// Live seat maps of hot showings: doomed starts answered from memory.
     pub live_maps: LiveMaps,
+    /// How many hold transactions one showing may run at once.
+    pub admission: ShowAdmission,
     /// Whether this replica's LISTEN connection is up; `/readyz` reports it.
     pub listener_ready: Arc<AtomicBool>,
     /// Open SSE streams, held against `Limits::sse_max_connections`.

@@ -5,6 +5,7 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres`); `deploy/test.sh` makes
 //! sure one is running.
 
+mod admission;
 mod bad_inputs;
 mod best_available;
 mod bookings;
