@@ -33,8 +33,16 @@ use crate::realtime::stream::SeatStreams;
 use crate::schedules::{NewSchedule, RequestedSeat, ScheduleCatalog};
 use crate::server::{serve, ConnectionLimits};
 
-/// After SIGTERM, how long in-flight requests get before the process exits
-/// anyway (the contract allows 10 s in all).
+/// After SIGTERM (not-ready at once, streams ended), how long the replica
+/// still answers, with `Connection: close`, before it closes its idle
+/// connections. A load balancer may already have sent a request on an
+/// idle keep-alive connection; closed at once, that request would fail,
+/// and a `POST` is not retried elsewhere. Answered with `close`, the
+/// connection ends cleanly after the answer instead.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
+
+/// Then how long in-flight requests get before the process exits anyway
+/// (the contract allows 10 s in all).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 #[derive(Debug, thiserror::Error)]
@@ -269,20 +277,30 @@ impl Application {
             max_header_bytes: config.max_header_bytes as usize,
             write_timeout: config.client_write_timeout(),
         };
-        let server = tokio::spawn(serve(listener, router(state), limits, shutdown.clone()));
+        // The server stops a little after shutdown begins (see SHUTDOWN_DRAIN).
+        let stop_serving = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, router(state), limits, stop_serving.clone()));
 
         // Every background task runs until shutdown. One that ends sooner
         // (returned or panicked) leaves the replica broken in a way it
         // cannot see from inside: it turns not-ready, shuts down, and
         // exits non-zero so that its orchestrator starts a fresh one.
         let failed = tokio::select! {
+            // Tasks end on shutdown too: that is not a failure.
+            biased;
             _ = shutdown.cancelled() => None,
-            ended = tasks.next_ended() => {
+            ended = tasks.next_ended() => if shutdown.is_cancelled() {
+                None
+            } else {
                 tracing::error!(task = ended.task, reason = %ended.reason, "background task ended; shutting down");
                 shutdown.cancel();
                 Some(ended)
-            }
+            },
         };
+        if failed.is_none() {
+            tokio::time::sleep(SHUTDOWN_DRAIN).await;
+        }
+        stop_serving.cancel();
         if tokio::time::timeout(SHUTDOWN_GRACE, server).await.is_err() {
             tracing::warn!("in-flight requests did not finish in time; exiting anyway");
         }

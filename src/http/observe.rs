@@ -5,10 +5,11 @@
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -18,7 +19,11 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// plain printable ASCII, is replaced (it ends up in logs and headers).
 const MAX_REQUEST_ID: usize = 128;
 
-pub async fn observe(mut req: Request, next: Next) -> Response {
+pub async fn observe(
+    State(shutting_down): State<CancellationToken>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let id = req
         .headers()
@@ -69,5 +74,11 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         )
     });
     response.headers_mut().insert(REQUEST_ID.clone(), id);
+    if shutting_down.is_cancelled() {
+        // Draining: every answer ends its connection (see startup).
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
