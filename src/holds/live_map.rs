@@ -33,6 +33,9 @@ use crate::schedules::Seat;
 /// the clock drifting between loads.
 const EXPIRY_MARGIN_MICROS: i64 = 500_000;
 
+/// Far longer than a notification takes to come back.
+const RELEASED_HERE_WAIT: Duration = Duration::from_secs(5);
+
 /// What a map knows of a seat that is not free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Taken {
@@ -67,6 +70,12 @@ enum ShowMap {
 struct LiveShow {
     last_event_id: i64,
     taken: HashMap<Seat, Taken>,
+    /// Seats this replica released itself whose `RELEASED` has not come
+    /// back through the relay yet, with the last event id seen when they
+    /// were released and when to stop waiting for it: until then they are
+    /// the database's to answer, so a user who cancels and picks the same
+    /// seats again is never refused by a map a few milliseconds old.
+    released_here: HashMap<Seat, (i64, Instant)>,
     /// Upper bound of (database clock - this replica's clock), microseconds.
     clock_ahead_micros: i64,
     last_used: Instant,
@@ -82,6 +91,13 @@ impl LiveShow {
             return false;
         }
         for seat in &event.seats {
+            if self
+                .released_here
+                .get(seat)
+                .is_some_and(|(seen, _)| event.event_id > *seen)
+            {
+                self.released_here.remove(seat);
+            }
             match event.action {
                 SeatAction::Occupied => {
                     self.taken.insert(
@@ -157,6 +173,11 @@ impl LiveMaps {
         };
         show.last_used = Instant::now();
         let db_now_bound = now_micros + show.clock_ahead_micros;
+        show.released_here
+            .retain(|_, (_, until)| *until > Instant::now());
+        if seats.iter().any(|s| show.released_here.contains_key(s)) {
+            return Verdict::AskTheDatabase;
+        }
         let mut taken = Vec::new();
         for seat in seats {
             match show.taken.get(seat) {
@@ -224,6 +245,7 @@ impl LiveMaps {
             // The read happened after it was sent: the database clock was
             // at most this far ahead of ours.
             clock_ahead_micros: snapshot.db_now_micros - read_started_micros,
+            released_here: HashMap::new(),
             last_used: Instant::now(),
         };
         if buffered.iter().all(|e| show.apply(e)) {
@@ -273,6 +295,43 @@ impl LiveMaps {
         if gap {
             maps.remove(&event.schedule_id);
             metrics::counter!("seatsync_live_map_gaps_total").increment(1);
+        }
+    }
+
+    /// Notes seats this replica has just released (a cancel it committed):
+    /// the map leaves them to the database until their `RELEASED` event
+    /// arrives, or for at most `RELEASED_HERE_WAIT`.
+    pub fn released_here(&self, schedule_id: i64, seats: &[Seat]) {
+        if let Some(ShowMap::Live(show)) = self.lock().get_mut(&schedule_id) {
+            let until = Instant::now() + RELEASED_HERE_WAIT;
+            for seat in seats {
+                show.released_here
+                    .insert(*seat, (show.last_event_id, until));
+            }
+        }
+    }
+
+    /// Notes a hold this replica has just committed, ahead of its `OCCUPIED`
+    /// event, so that the next start here already sees it (the event, when
+    /// it comes, says the same).
+    pub fn held_here(
+        &self,
+        schedule_id: i64,
+        seats: &[Seat],
+        holder: Uuid,
+        expires_at_micros: i64,
+    ) {
+        if let Some(ShowMap::Live(show)) = self.lock().get_mut(&schedule_id) {
+            for seat in seats {
+                show.released_here.remove(seat);
+                show.taken.insert(
+                    *seat,
+                    Taken::Held {
+                        holder: Some(holder),
+                        expires_at_micros: Some(expires_at_micros),
+                    },
+                );
+            }
         }
     }
 
@@ -398,6 +457,40 @@ mod tests {
         ));
         maps.relay(&event(9, SeatAction::Confirmed, &[seat(1, 2)], None));
         assert_eq!(maps.verdict(1, bob, &[seat(1, 2)], now), Verdict::Load);
+    }
+
+    #[test]
+    fn seats_released_here_are_the_databases_until_their_event_comes_back() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let now = 1000 * SECOND;
+        let maps = loaded(vec![(seat(1, 1), Some((alice, now + 60 * SECOND)))], 5);
+        maps.released_here(1, &[seat(1, 1)]);
+        assert_eq!(
+            maps.verdict(1, bob, &[seat(1, 1)], now),
+            Verdict::AskTheDatabase
+        );
+        // Another seat's event does not settle it; its RELEASED does.
+        maps.relay(&event(
+            6,
+            SeatAction::Occupied,
+            &[seat(2, 2)],
+            Some((bob, now + 60 * SECOND)),
+        ));
+        assert_eq!(
+            maps.verdict(1, alice, &[seat(1, 1)], now),
+            Verdict::AskTheDatabase
+        );
+        maps.relay(&event(7, SeatAction::Released, &[seat(1, 1)], None));
+        maps.relay(&event(
+            8,
+            SeatAction::Occupied,
+            &[seat(1, 1)],
+            Some((alice, now + 60 * SECOND)),
+        ));
+        assert_eq!(
+            maps.verdict(1, bob, &[seat(1, 1)], now),
+            Verdict::Taken(vec![seat(1, 1)])
+        );
     }
 
     #[test]

@@ -199,6 +199,15 @@ pub async fn start_booking(
     };
     count_start(label, "database");
     let outcome = result?;
+    if !outcome.replayed {
+        let b = &outcome.booking;
+        state.live_maps.held_here(
+            b.schedule_id,
+            &b.seats,
+            user_id,
+            b.expires_at.timestamp_micros(),
+        );
+    }
     Ok((
         StatusCode::CREATED,
         Json(BookingResponse::from(outcome.booking)),
@@ -261,6 +270,9 @@ pub async fn cancel_booking(
     BookingIdPath(id): BookingIdPath,
 ) -> Result<Json<BookingResponse>, ApiError> {
     let booking = state.store.cancel(user_id, id).await?;
+    state
+        .live_maps
+        .released_here(booking.schedule_id, &booking.seats);
     metrics::counter!("seatsync_holds_total", "outcome" => "cancelled").increment(1);
     Ok(Json(booking.into()))
 }

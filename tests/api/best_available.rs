@@ -26,6 +26,18 @@ async fn start_best(r: &Replica, token: &str, schedule: i64, quantity: u64) -> A
     .await
 }
 
+/// A start of `body` under the one Idempotency-Key these tests use.
+async fn keyed(r: &Replica, token: &str, body: Value) -> ApiResponse {
+    r.request(
+        Method::POST,
+        "/api/bookings/start",
+        Some(token),
+        Some(body),
+        &[("Idempotency-Key", "party-of-two")],
+    )
+    .await
+}
+
 /// Free seats of a row with no free neighbour: nobody can sit beside anyone.
 fn orphans(rows: i64, cols: i64, taken: &SeatSet) -> usize {
     let free = |r: i64, c: i64| (1..=cols).contains(&c) && !taken.contains(&(r, c));
@@ -57,15 +69,7 @@ async fn best_available_holds_the_best_block_and_keeps_the_contract() {
     let mut sse = r.subscribe(schedule, None).await;
     let [alice, bob, carol] = r.guests().await;
 
-    let held = r
-        .request(
-            Method::POST,
-            "/api/bookings/start",
-            Some(&alice),
-            Some(best(schedule, 2)),
-            &[("Idempotency-Key", "party-of-two")],
-        )
-        .await;
+    let held = keyed(&r, &alice, best(schedule, 2)).await;
     assert_eq!(held.status, 201, "{}", held.body);
     assert_eq!(seat_set(&held.body["seats"]), set_of(&[(1, 2), (1, 3)]));
     assert_eq!(held.body["status"], "PENDING");
@@ -79,28 +83,14 @@ async fn best_available_holds_the_best_block_and_keeps_the_contract() {
 
     // Idempotency: the same body gets the same seats; another body (another
     // quantity, or seats instead) is a reused key.
-    let replay = r
-        .request(
-            Method::POST,
-            "/api/bookings/start",
-            Some(&alice),
-            Some(best(schedule, 2)),
-            &[("Idempotency-Key", "party-of-two")],
-        )
-        .await;
+    let replay = keyed(&r, &alice, best(schedule, 2)).await;
     assert_eq!(replay.status, 201, "{}", replay.body);
     assert_eq!(replay.body["bookingId"], held.body["bookingId"]);
     assert_eq!(replay.body["seats"], held.body["seats"]);
     for other in [best(schedule, 3), start_body(schedule, &[(1, 2), (1, 3)])] {
-        r.request(
-            Method::POST,
-            "/api/bookings/start",
-            Some(&alice),
-            Some(other),
-            &[("Idempotency-Key", "party-of-two")],
-        )
-        .await
-        .assert_problem(409, "idempotency_key_reused");
+        keyed(&r, &alice, other)
+            .await
+            .assert_problem(409, "idempotency_key_reused");
     }
     // One pending booking per user and schedule, whichever way it was made.
     let again = start_best(&r, &alice, schedule, 1).await;

@@ -321,15 +321,7 @@ async fn rolling_restart_under_load_loses_no_event_and_no_request() {
 /// Booking requests a replica has answered (its own metric): whether nginx
 /// sends it traffic. /readyz and /metrics do not count.
 async fn booking_requests(r: &Replica) -> f64 {
-    let text = r
-        .http
-        .get(r.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = r.metrics_text().await;
     text.lines()
         .filter(|l| {
             l.starts_with("seatsync_http_requests_total{") && l.contains("route=\"/api/bookings")

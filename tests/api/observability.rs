@@ -20,17 +20,6 @@ fn series(text: &str, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-async fn metrics_text(r: &Replica) -> String {
-    r.http
-        .get(r.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn metrics_cover_requests_holds_events_listener_pool_and_streams() {
     let db = TestDb::create().await;
@@ -52,7 +41,7 @@ async fn metrics_cover_requests_holds_events_listener_pool_and_streams() {
         (r.metric("seatsync_events_relayed_total").await >= 4.0).then_some(())
     })
     .await;
-    let text = metrics_text(&r).await;
+    let text = r.metrics_text().await;
     let start = [("method", "POST"), ("route", "/api/bookings/start")];
     let expect = |family: &str, labels: &[(&str, &str)], want: f64| {
         let got = series(&text, family, labels)

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use reqwest::Method;
 
@@ -44,17 +43,6 @@ async fn behind_bouncer(db: &TestDb, bouncer: &PgBouncer, opts: ReplicaOpts) -> 
         Replica::spawn_url(&pooled, opts.clone()),
         Replica::spawn_url(&pooled, opts)
     )
-}
-
-fn random_seats(rng: &mut StdRng) -> Vec<(i64, i64)> {
-    let n = rng.random_range(1..=4usize);
-    let mut set = SeatSet::new();
-    while set.len() < n {
-        set.insert((rng.random_range(1..=ROWS), rng.random_range(1..=COLS)));
-    }
-    let mut seats: Vec<(i64, i64)> = set.into_iter().collect();
-    seats.shuffle(rng);
-    seats
 }
 
 /// One request of a user's session and what came of it.
@@ -101,7 +89,7 @@ async fn user_session(
     for round in 0..rounds {
         let r = replicas[(user + round) % 2];
         let other = replicas[(user + round + 1) % 2];
-        let seats = random_seats(&mut rng);
+        let seats = random_seats(&mut rng, ROWS, COLS);
         let sent = Instant::now();
         let resp = r.start(token, schedule, &seats).await;
         let recv = Instant::now();

@@ -16,6 +16,9 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::RngExt;
 use serde_json::Value;
 
 pub use db::*;
@@ -59,6 +62,19 @@ pub fn seat_set(v: &Value) -> SeatSet {
         .iter()
         .map(|s| (s["row"].as_i64().unwrap(), s["col"].as_i64().unwrap()))
         .collect()
+}
+
+/// 1-4 distinct seats of a `rows` x `cols` grid, in random order (the
+/// server must not depend on the order it is sent).
+pub fn random_seats(rng: &mut StdRng, rows: i64, cols: i64) -> Vec<(i64, i64)> {
+    let n = rng.random_range(1..=4usize);
+    let mut set = SeatSet::new();
+    while set.len() < n {
+        set.insert((rng.random_range(1..=rows), rng.random_range(1..=cols)));
+    }
+    let mut seats: Vec<(i64, i64)> = set.into_iter().collect();
+    seats.shuffle(rng);
+    seats
 }
 
 /// An RFC 3339 timestamp from a response.

@@ -6,9 +6,9 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStderr, Command};
+use tokio::process::{Child, ChildStderr};
 
-use super::{ADMIN_TOKEN, AUTH_SECRET};
+use super::seatsync_command;
 
 pub struct LoggedReplica {
     child: Child,
@@ -21,15 +21,8 @@ impl LoggedReplica {
     /// Starts a replica on `database_url` with `env` on top of the test
     /// defaults, and waits until it listens.
     pub async fn start(database_url: &str, env: &[(&str, &str)]) -> LoggedReplica {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_seatsync"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", database_url)
-            .env("AUTH_SECRET", AUTH_SECRET)
-            .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("DB_POOL_SIZE", "2");
+        let mut cmd = seatsync_command(database_url);
+        cmd.env("DB_POOL_SIZE", "2");
         for (k, v) in env {
             cmd.env(k, v);
         }

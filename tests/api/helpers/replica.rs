@@ -42,6 +42,20 @@ pub fn start_body(schedule: i64, seats: &[(i64, i64)]) -> Value {
     json!({"scheduleId": schedule, "seats": seats})
 }
 
+/// `seatsync serve` on `database_url`, a free port of 127.0.0.1, and the
+/// test secrets, with nothing else from the environment.
+pub fn seatsync_command(database_url: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_seatsync"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", database_url)
+        .env("AUTH_SECRET", AUTH_SECRET)
+        .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0");
+    cmd
+}
+
 /// A running `seatsync serve` process on a free port, or (from
 /// [`Replica::behind`]) the same client for an address in front of replicas.
 pub struct Replica {
@@ -59,15 +73,8 @@ impl Replica {
     /// A replica whose pool goes to `database_url`, which need not be the
     /// test database's own URL (a pooler in front of it, say).
     pub async fn spawn_url(database_url: &str, opts: ReplicaOpts) -> Replica {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_seatsync"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", database_url)
-            .env("AUTH_SECRET", AUTH_SECRET)
-            .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("HOST", "127.0.0.1")
-            .env("PORT", "0")
-            .env("SWEEP_INTERVAL_MS", "200")
+        let mut cmd = seatsync_command(database_url);
+        cmd.env("SWEEP_INTERVAL_MS", "200")
             // Small pools: parallel tests share one server's max_connections.
             .env("DB_POOL_SIZE", "6")
             // Most tests play many users, or one user many times, from one
@@ -357,17 +364,21 @@ impl Replica {
         out
     }
 
-    /// Reads a Prometheus gauge or counter (summing labelled series).
-    pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
+    /// The `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Reads a Prometheus gauge or counter (summing labelled series).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .filter(|l| !l.starts_with('#'))
             .filter(|l| l.split([' ', '{']).next() == Some(name))
