@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::allocate::FreeMap;
 use super::SeatStore;
 use crate::events::{SeatAction, SeatEvent};
-use crate::schedules::Seat;
+use crate::schedules::{Schedule, Seat};
 
 /// How far past the clock bound a hold must last to count as taken: covers
 /// the clock drifting between loads.
@@ -39,7 +40,8 @@ const RELEASED_HERE_WAIT: Duration = Duration::from_secs(5);
 /// What a map knows of a seat that is not free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Taken {
-    Sold,
+    /// Sold; to whom, when the map knows.
+    Sold { owner: Option<Uuid> },
     /// Held; by whom and until when (database clock, microseconds), when
     /// the event that said so carried it.
     Held {
@@ -52,8 +54,9 @@ enum Taken {
 #[derive(Debug, Clone)]
 pub struct MapSnapshot {
     pub last_event_id: i64,
-    /// Seat, sold or held (holder, expiry in microseconds).
-    pub seats: Vec<(Seat, Option<(Uuid, i64)>)>,
+    /// Seat, its holder or buyer, and for a hold its expiry (microseconds);
+    /// no expiry: sold.
+    pub seats: Vec<(Seat, Uuid, Option<i64>)>,
     /// The database clock during the read, microseconds since the epoch.
     pub db_now_micros: i64,
 }
@@ -81,7 +84,73 @@ struct LiveShow {
     last_used: Instant,
 }
 
+/// What a map can say of one seat for one user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Certainty {
+    /// Sold to, or held long enough by, someone else.
+    Taken,
+    /// Not taken at the map's state.
+    Free,
+    /// The user's own seat, a hold near its expiry, a seat released here
+    /// whose event has not come back, or an owner the map does not know.
+    Unsure,
+}
+
+/// Why a map could not decide.
+enum Undecided {
+    Ask,
+    Load,
+}
+
+impl From<Undecided> for Verdict {
+    fn from(u: Undecided) -> Self {
+        match u {
+            Undecided::Ask => Verdict::AskTheDatabase,
+            Undecided::Load => Verdict::Load,
+        }
+    }
+}
+
+impl From<Undecided> for BestVerdict {
+    fn from(u: Undecided) -> Self {
+        match u {
+            Undecided::Ask => BestVerdict::AskTheDatabase,
+            Undecided::Load => BestVerdict::Load,
+        }
+    }
+}
+
+/// What a map says about a best-available start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BestVerdict {
+    /// No block of the party's size, even counting uncertain seats free:
+    /// `409 no_seats_together` with this `largestBlock`.
+    NoBlock {
+        largest: u16,
+    },
+    AskTheDatabase,
+    Load,
+}
+
 impl LiveShow {
+    /// `db_now_bound`: an upper bound of the database clock now.
+    fn certainty(&self, seat: &Seat, user: Uuid, db_now_bound: i64) -> Certainty {
+        if self.released_here.contains_key(seat) {
+            return Certainty::Unsure;
+        }
+        match self.taken.get(seat) {
+            None => Certainty::Free,
+            Some(Taken::Sold { owner: Some(owner) }) if *owner != user => Certainty::Taken,
+            Some(Taken::Held {
+                holder: Some(holder),
+                expires_at_micros: Some(expires),
+            }) if *holder != user && *expires > db_now_bound + EXPIRY_MARGIN_MICROS => {
+                Certainty::Taken
+            }
+            Some(Taken::Held { .. } | Taken::Sold { .. }) => Certainty::Unsure,
+        }
+    }
+
     /// Applies the next event; false when it is not the next (a gap).
     fn apply(&mut self, event: &SeatEvent) -> bool {
         if event.event_id <= self.last_event_id {
@@ -109,7 +178,12 @@ impl LiveShow {
                     );
                 }
                 SeatAction::Confirmed => {
-                    self.taken.insert(*seat, Taken::Sold);
+                    let held_by = match self.taken.get(seat) {
+                        Some(Taken::Held { holder, .. }) => *holder,
+                        _ => None,
+                    };
+                    let owner = event.holder.or(held_by);
+                    self.taken.insert(*seat, Taken::Sold { owner });
                 }
                 SeatAction::Released => {
                     self.taken.remove(seat);
@@ -162,44 +236,74 @@ impl LiveMaps {
         seats: &[Seat],
         now_micros: i64,
     ) -> Verdict {
+        self.with_live(schedule_id, now_micros, |show, bound| {
+            let mut taken = Vec::new();
+            for seat in seats {
+                match show.certainty(seat, user, bound) {
+                    Certainty::Taken => taken.push(*seat),
+                    Certainty::Free => {}
+                    Certainty::Unsure => return Verdict::AskTheDatabase,
+                }
+            }
+            if taken.is_empty() {
+                Verdict::AskTheDatabase
+            } else {
+                Verdict::Taken(taken)
+            }
+        })
+    }
+
+    /// Decides a best-available start if the map can: doomed when no block
+    /// of `quantity` is free even counting every seat the map is unsure of
+    /// as free. Then `Taken` is empty and `largest_block` the longest run
+    /// free on that count.
+    pub fn best_available_verdict(
+        &self,
+        schedule: &Schedule,
+        user: Uuid,
+        quantity: u16,
+        now_micros: i64,
+    ) -> BestVerdict {
+        self.with_live(schedule.id, now_micros, |show, bound| {
+            let grid = schedule.grid();
+            let surely_taken = show
+                .taken
+                .keys()
+                .filter(|seat| show.certainty(seat, user, bound) == Certainty::Taken)
+                .copied();
+            let free = FreeMap::new(
+                grid.rows as i16,
+                grid.cols as i16,
+                schedule.blocked.iter().copied().chain(surely_taken),
+            );
+            let largest = free.largest_block();
+            if largest < quantity {
+                BestVerdict::NoBlock { largest }
+            } else {
+                BestVerdict::AskTheDatabase
+            }
+        })
+    }
+
+    fn with_live<T: From<Undecided>>(
+        &self,
+        schedule_id: i64,
+        now_micros: i64,
+        decide: impl FnOnce(&LiveShow, i64) -> T,
+    ) -> T {
         if !self.listener_up.load(Ordering::SeqCst) {
-            return Verdict::AskTheDatabase;
+            return Undecided::Ask.into();
         }
         let mut maps = self.lock();
         let show = match maps.get_mut(&schedule_id) {
-            None => return Verdict::Load,
-            Some(ShowMap::Loading { .. }) => return Verdict::AskTheDatabase,
+            None => return Undecided::Load.into(),
+            Some(ShowMap::Loading { .. }) => return Undecided::Ask.into(),
             Some(ShowMap::Live(show)) => show,
         };
         show.last_used = Instant::now();
-        let db_now_bound = now_micros + show.clock_ahead_micros;
         show.released_here
             .retain(|_, (_, until)| *until > Instant::now());
-        if seats.iter().any(|s| show.released_here.contains_key(s)) {
-            return Verdict::AskTheDatabase;
-        }
-        let mut taken = Vec::new();
-        for seat in seats {
-            match show.taken.get(seat) {
-                None => {}
-                Some(Taken::Sold) => taken.push(*seat),
-                Some(Taken::Held {
-                    holder: Some(holder),
-                    expires_at_micros: Some(expires),
-                }) if *holder != user && *expires > db_now_bound + EXPIRY_MARGIN_MICROS => {
-                    taken.push(*seat)
-                }
-                // The user's own hold (booking_in_progress, an idempotent
-                // replay), a hold near or past its expiry, or one whose
-                // holder or expiry the map does not know.
-                Some(Taken::Held { .. }) => return Verdict::AskTheDatabase,
-            }
-        }
-        if taken.is_empty() {
-            Verdict::AskTheDatabase
-        } else {
-            Verdict::Taken(taken)
-        }
+        decide(show, now_micros + show.clock_ahead_micros)
     }
 
     /// Marks a map as loading; false when one exists or is loading already.
@@ -231,11 +335,11 @@ impl LiveMaps {
             taken: snapshot
                 .seats
                 .into_iter()
-                .map(|(seat, hold)| {
-                    let state = match hold {
-                        None => Taken::Sold,
-                        Some((holder, expires)) => Taken::Held {
-                            holder: Some(holder),
+                .map(|(seat, owner, expires)| {
+                    let state = match expires {
+                        None => Taken::Sold { owner: Some(owner) },
+                        Some(expires) => Taken::Held {
+                            holder: Some(owner),
                             expires_at_micros: Some(expires),
                         },
                     };
@@ -380,7 +484,7 @@ mod tests {
         }
     }
 
-    fn loaded(seats: Vec<(Seat, Option<(Uuid, i64)>)>, last: i64) -> LiveMaps {
+    fn loaded(seats: Vec<(Seat, Uuid, Option<i64>)>, last: i64) -> LiveMaps {
         let maps = LiveMaps::new(Arc::new(AtomicBool::new(true)));
         assert!(maps.begin_load(1));
         maps.finish_load(
@@ -401,9 +505,9 @@ mod tests {
         let now = 1000 * SECOND;
         let maps = loaded(
             vec![
-                (seat(1, 1), None),
-                (seat(1, 2), Some((alice, now + 60 * SECOND))),
-                (seat(1, 3), Some((alice, now + SECOND / 10))),
+                (seat(1, 1), Uuid::new_v4(), None),
+                (seat(1, 2), alice, Some(now + 60 * SECOND)),
+                (seat(1, 3), alice, Some(now + SECOND / 10)),
             ],
             5,
         );
@@ -463,7 +567,7 @@ mod tests {
     fn seats_released_here_are_the_databases_until_their_event_comes_back() {
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
         let now = 1000 * SECOND;
-        let maps = loaded(vec![(seat(1, 1), Some((alice, now + 60 * SECOND)))], 5);
+        let maps = loaded(vec![(seat(1, 1), alice, Some(now + 60 * SECOND))], 5);
         maps.released_here(1, &[seat(1, 1)]);
         assert_eq!(
             maps.verdict(1, bob, &[seat(1, 1)], now),
@@ -494,6 +598,40 @@ mod tests {
     }
 
     #[test]
+    fn a_full_hall_refuses_a_party_only_when_no_block_could_be_free() {
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let now = 1000 * SECOND;
+        let hall = Schedule {
+            id: 1,
+            title: "t".into(),
+            starts_at: chrono::Utc::now(),
+            rows: 1,
+            cols: 4,
+            blocked: vec![seat(1, 4)],
+        };
+        let long = now + 60 * SECOND;
+        let maps = loaded(
+            vec![(seat(1, 1), alice, None), (seat(1, 3), alice, Some(long))],
+            5,
+        );
+        // Seat 2 alone is free: a pair is doomed, the largest block is 1.
+        assert_eq!(
+            maps.best_available_verdict(&hall, bob, 2, now),
+            BestVerdict::NoBlock { largest: 1 }
+        );
+        assert_eq!(
+            maps.best_available_verdict(&hall, bob, 1, now),
+            BestVerdict::AskTheDatabase
+        );
+        // Her own seats may be hers again (an idempotent replay): unsure,
+        // so counted free, and a pair might fit.
+        assert_eq!(
+            maps.best_available_verdict(&hall, alice, 2, now),
+            BestVerdict::AskTheDatabase
+        );
+    }
+
+    #[test]
     fn events_during_the_load_are_applied_after_it() {
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
         let now = 1000 * SECOND;
@@ -516,7 +654,7 @@ mod tests {
             1,
             MapSnapshot {
                 last_event_id: 4,
-                seats: vec![(seat(1, 1), Some((alice, now + 60 * SECOND)))],
+                seats: vec![(seat(1, 1), alice, Some(now + 60 * SECOND))],
                 db_now_micros: now,
             },
             now,
@@ -537,7 +675,7 @@ mod tests {
             1,
             MapSnapshot {
                 last_event_id: 1,
-                seats: vec![(seat(1, 1), None)],
+                seats: vec![(seat(1, 1), Uuid::new_v4(), None)],
                 db_now_micros: 0,
             },
             0,

@@ -260,9 +260,11 @@ struct PendingEvent {
     schedule_id: i64,
     action: SeatAction,
     seats: Vec<Seat>,
-    /// For `OCCUPIED`: who holds the seats and until when, carried by the
-    /// notification (not the public stream) for the replicas' live maps.
-    hold: Option<(Uuid, DateTime<Utc>)>,
+    /// For `OCCUPIED` and `CONFIRMED`: whose seats they are and, for a
+    /// hold, until when. Carried by the notification (not the public
+    /// stream) for the replicas' live maps.
+    holder: Option<Uuid>,
+    expires_at: Option<DateTime<Utc>>,
 }
 
 /// Collects a transaction's events and appends them last, in schedule order.
@@ -271,26 +273,23 @@ struct EventBatch(Vec<PendingEvent>);
 
 impl EventBatch {
     fn push(&mut self, schedule_id: i64, action: SeatAction, seats: Vec<Seat>) {
+        self.push_owned(schedule_id, action, seats, None, None);
+    }
+
+    fn push_owned(
+        &mut self,
+        schedule_id: i64,
+        action: SeatAction,
+        seats: Vec<Seat>,
+        holder: Option<Uuid>,
+        expires_at: Option<DateTime<Utc>>,
+    ) {
         self.0.push(PendingEvent {
             schedule_id,
             action,
             seats,
-            hold: None,
-        });
-    }
-
-    fn push_hold(
-        &mut self,
-        schedule_id: i64,
-        seats: Vec<Seat>,
-        holder: Uuid,
-        expires_at: DateTime<Utc>,
-    ) {
-        self.0.push(PendingEvent {
-            schedule_id,
-            action: SeatAction::Occupied,
-            seats,
-            hold: Some((holder, expires_at)),
+            holder,
+            expires_at,
         });
     }
 
@@ -298,8 +297,6 @@ impl EventBatch {
         // Stable: a schedule's RELEASED stays before its OCCUPIED.
         self.0.sort_by_key(|e| e.schedule_id);
         for e in &self.0 {
-            let holder = e.hold.map(|(user, _)| user);
-            let expires_at = e.hold.map(|(_, at)| at);
             tx.query_one(
                 &APPEND_EVENT,
                 &[
@@ -307,8 +304,8 @@ impl EventBatch {
                     &e.action.as_str(),
                     &Json(&e.seats),
                     &NOTIFY_CHANNEL,
-                    &holder,
-                    &expires_at,
+                    &e.holder,
+                    &e.expires_at,
                 ],
             )
             .await?;
@@ -611,7 +608,13 @@ async fn insert_hold(
         return Ok(Inserted::Lost(missing));
     }
 
-    events.push_hold(req.schedule_id, seats.to_vec(), req.user_id, expires_at);
+    events.push_owned(
+        req.schedule_id,
+        SeatAction::Occupied,
+        seats.to_vec(),
+        Some(req.user_id),
+        Some(expires_at),
+    );
     Ok(Inserted::Decided(Decision::Commit(Ok(HoldOutcome {
         booking: Booking {
             id: booking_id,
@@ -719,17 +722,23 @@ async fn transition_attempt(
     };
     if let Some(row) = tx.query_opt(sql, &[&booking_id, &user_id]).await? {
         let booking = booking_from_row(&row)?;
-        let action = match to {
+        let (action, holder) = match to {
             Transition::Confirm => {
                 tx.query(&CONFIRM_SEATS, &[&booking_id]).await?;
-                SeatAction::Confirmed
+                (SeatAction::Confirmed, Some(user_id))
             }
             Transition::Cancel => {
                 tx.query(&DELETE_SEATS_OF, &[&vec![booking_id]]).await?;
-                SeatAction::Released
+                (SeatAction::Released, None)
             }
         };
-        events.push(booking.schedule_id, action, booking.seats.clone());
+        events.push_owned(
+            booking.schedule_id,
+            action,
+            booking.seats.clone(),
+            holder,
+            None,
+        );
         return Ok(Decision::Commit(Ok(booking)));
     }
     // Not pending and in time: find out why, under the row lock so the
@@ -999,13 +1008,15 @@ impl SeatStore for PgSeatStore {
             else {
                 continue;
             };
-            let hold = match (status, holder, expires) {
-                (SeatAction::Confirmed, _, _) => None,
-                (_, Some(holder), Some(expires)) => Some((holder, expires)),
+            let (owner, expires) = match (status, holder, expires) {
+                (SeatAction::Confirmed, Some(owner), _) => (owner, None),
+                (_, Some(holder), Some(expires)) => (holder, Some(expires)),
                 // A row the schema does not allow; refuse to guess.
-                _ => return Err(DbError::Unexpected("a seat hold without holder or expiry").into()),
+                _ => return Err(DbError::Unexpected("a seat row without owner or expiry").into()),
             };
-            snapshot.seats.push((Seat { row: r, col: c }, hold));
+            snapshot
+                .seats
+                .push((Seat { row: r, col: c }, owner, expires));
         }
         Ok(snapshot)
     }

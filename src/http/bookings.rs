@@ -13,11 +13,13 @@ use super::auth::User;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, BookingIdPath};
 use super::AppState;
-use crate::holds::live_map::Verdict;
+use crate::holds::live_map::{BestVerdict, Verdict};
 use crate::holds::{
     validate_quantity, validate_seats, Booking, BookingStatus, HoldError, HoldRequest, SeatChoice,
 };
+use crate::schedules::Schedule;
 use crate::schedules::{RequestedSeat, Seat};
+use std::sync::Arc;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -81,6 +83,48 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// Says which part of the replica answered a start: `memory` when its live
 /// seat map did (see `holds::live_map`); absent when the database did.
 static ANSWERED_FROM: HeaderName = HeaderName::from_static("x-answered-from");
+
+/// The answer to a start that the replica's live seat map can prove
+/// doomed, if it can; loads the map on first use.
+fn doomed_from_memory(
+    state: &AppState,
+    schedule: &Arc<Schedule>,
+    user: Uuid,
+    choice: &SeatChoice,
+) -> Option<Response> {
+    let now = Utc::now().timestamp_micros();
+    let maps = &state.live_maps;
+    let (refusal, outcome, load) = match choice {
+        SeatChoice::Seats(seats) => match maps.verdict(schedule.id, user, seats, now) {
+            Verdict::Taken(taken) => (Some(HoldError::SeatsTaken(taken)), "seats_taken", false),
+            Verdict::Load => (None, "", true),
+            Verdict::AskTheDatabase => (None, "", false),
+        },
+        SeatChoice::BestAvailable { quantity, .. } => {
+            match maps.best_available_verdict(schedule, user, *quantity, now) {
+                BestVerdict::NoBlock { largest } => (
+                    Some(HoldError::NoSeatsTogether {
+                        quantity: *quantity,
+                        largest_block: largest,
+                    }),
+                    "no_seats_together",
+                    false,
+                ),
+                BestVerdict::Load => (None, "", true),
+                BestVerdict::AskTheDatabase => (None, "", false),
+            }
+        }
+    };
+    if load {
+        maps.load(state.store.clone(), schedule.id);
+    }
+    let refusal = refusal?;
+    count_start(outcome, "memory");
+    // Which answers the replica's live map gave: for operators and for the
+    // tests of its guarantee.
+    let header = [(ANSWERED_FROM.clone(), HeaderValue::from_static("memory"))];
+    Some((header, ApiError::from(refusal)).into_response())
+}
 
 fn count_start(outcome: &'static str, answered_from: &'static str) {
     metrics::counter!("seatsync_booking_starts_total", "outcome" => outcome, "answered_from" => answered_from)
@@ -164,19 +208,8 @@ pub async fn start_booking(
             ))
         }
     };
-    if let SeatChoice::Seats(seats) = &choice {
-        let now = Utc::now().timestamp_micros();
-        match state.live_maps.verdict(schedule.id, user_id, seats, now) {
-            Verdict::Taken(taken) => {
-                count_start("seats_taken", "memory");
-                // Which answers the replica's live map gave: for operators
-                // and for the tests of its guarantee.
-                let header = [(ANSWERED_FROM.clone(), HeaderValue::from_static("memory"))];
-                return Ok((header, ApiError::from(HoldError::SeatsTaken(taken))).into_response());
-            }
-            Verdict::Load => state.live_maps.load(state.store.clone(), schedule.id),
-            Verdict::AskTheDatabase => {}
-        }
+    if let Some(doomed) = doomed_from_memory(&state, &schedule, user_id, &choice) {
+        return Ok(doomed);
     }
     let request = HoldRequest {
         user_id,

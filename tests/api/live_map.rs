@@ -159,6 +159,40 @@ async fn a_listener_cut_makes_the_map_step_aside_until_it_is_caught_up() {
     db.assert_consistent().await;
 }
 
+#[tokio::test]
+async fn a_party_that_cannot_sit_together_is_refused_from_memory() {
+    let (db, a, b) = TestDb::with_two_replicas(ReplicaOpts::default()).await;
+    let schedule = a.create_schedule(1, 4, &[]).await;
+    let [alice, carol, bob] = a.guests().await;
+    a.hold(&alice, schedule, &[(1, 1)]).await;
+    a.hold(&carol, schedule, &[(1, 3)]).await;
+    let body = serde_json::json!({"scheduleId": schedule, "quantity": 2});
+    let refused = wait_for(
+        "a best-available answer from the live map",
+        Duration::from_secs(10),
+        || async {
+            let resp = b
+                .post("/api/bookings/start", Some(&bob), Some(body.clone()))
+                .await;
+            from_memory(&resp).then_some(resp)
+        },
+    )
+    .await;
+    refused.assert_problem(409, "no_seats_together");
+    assert_eq!(refused.body["largestBlock"], 1);
+    // A party that fits goes to the database and is held.
+    let one = b
+        .post(
+            "/api/bookings/start",
+            Some(&bob),
+            Some(serde_json::json!({"scheduleId": schedule, "quantity": 1})),
+        )
+        .await;
+    assert_eq!(one.status, 201, "{}", one.body);
+    assert!(!from_memory(&one));
+    db.assert_consistent().await;
+}
+
 /// Event log rows with their commit-side timestamp.
 async fn event_log(db: &TestDb, schedule: i64) -> Vec<(i64, String, SeatSet, DateTime<Utc>)> {
     db.client()
