@@ -21,6 +21,15 @@ pub(crate) struct Head {
     pub(crate) content_length: Option<usize>,
     pub(crate) chunked: bool,
     pub(crate) close: bool,
+    /// `X-Answered-From: memory`: a 409 decided by the replica's live seat map.
+    pub(crate) from_memory: bool,
+}
+
+/// A whole response, for callers that look at more than the status.
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) from_memory: bool,
+    pub(crate) body: Vec<u8>,
 }
 
 impl HttpConn {
@@ -34,6 +43,11 @@ impl HttpConn {
 
     /// Sends one request and reads its response: (status, body).
     pub(crate) async fn send(&mut self, req: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        let r = self.send_full(req).await?;
+        Ok((r.status, r.body))
+    }
+
+    pub(crate) async fn send_full(&mut self, req: &[u8]) -> std::io::Result<Response> {
         let result = tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(req))
             .await
             .unwrap_or_else(|_| {
@@ -48,7 +62,7 @@ impl HttpConn {
         result
     }
 
-    pub(crate) async fn exchange(&mut self, req: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    pub(crate) async fn exchange(&mut self, req: &[u8]) -> std::io::Result<Response> {
         if self.stream.is_none() {
             let s = TcpStream::connect(self.addr).await?;
             s.set_nodelay(true)?;
@@ -87,7 +101,11 @@ impl HttpConn {
         if head.close {
             self.stream = None;
         }
-        Ok((head.status, body))
+        Ok(Response {
+            status: head.status,
+            from_memory: head.from_memory,
+            body,
+        })
     }
 }
 
@@ -133,6 +151,7 @@ pub(crate) fn parse_head(raw: &[u8]) -> std::io::Result<Head> {
         content_length: None,
         chunked: false,
         close: false,
+        from_memory: false,
     };
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -145,6 +164,8 @@ pub(crate) fn parse_head(raw: &[u8]) -> std::io::Result<Head> {
             head.chunked = value.to_ascii_lowercase().contains("chunked");
         } else if name.eq_ignore_ascii_case("connection") {
             head.close = value.eq_ignore_ascii_case("close");
+        } else if name.eq_ignore_ascii_case("x-answered-from") {
+            head.from_memory = value.eq_ignore_ascii_case("memory");
         }
     }
     Ok(head)

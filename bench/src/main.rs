@@ -6,6 +6,8 @@
 //! target/release/seatsync-bench hold --seconds 10 --concurrency 32
 //! # SSE fan-out: delivery latency, missed/duplicated events, memory per stream
 //! target/release/seatsync-bench fanout --clients 10000
+//! # a ticket drop: 20,000 fans click within 1 s for 1,000 seats
+//! target/release/seatsync-bench drop --fans 20000 --seats 1000 --window-ms 1000 --replicas 2
 //! ```
 //!
 //! Every run creates a database `seatsync_bench_<random>` next to
@@ -16,10 +18,11 @@
 //!
 //! One module per scenario: `hold` (hold throughput, see there for how the
 //! runs are made comparable), `pgbench` (the same transaction without HTTP:
-//! the ceiling), `fanout` (SSE streams); `report` prints the
-//! tables.
+//! the ceiling), `fanout` (SSE streams), `drop` (a ticket drop); `report`
+//! prints tables, writes JSON results and draws the SVG plot.
 
 mod cpu;
+mod drop;
 mod env;
 mod fanout;
 mod hold;
@@ -45,7 +48,7 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, Parser)]
 #[command(
     name = "seatsync-bench",
-    about = "Benchmarks seatsync: hold throughput vs. pgbench, SSE fan-out, "
+    about = "Benchmarks seatsync: hold throughput vs. pgbench, SSE fan-out, ticket drops"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -61,6 +64,10 @@ enum Scenario {
     /// SSE fan-out: delivery latency, missed/duplicated events, memory per stream.
     #[command(alias = "sse")]
     Fanout(FanoutArgs),
+    /// A ticket drop: N fans click within a window for M seats.
+    Drop(drop::DropArgs),
+    /// Draws the drop runs' JSON results as an SVG plot (latency against load).
+    Plot(report::PlotArgs),
 }
 
 /// What every scenario that runs replicas takes.
@@ -77,8 +84,8 @@ pub(crate) struct Common {
     /// i.e. <target-dir>/release/seatsync].
     #[arg(long, value_name = "PATH")]
     pub(crate) binary: Option<PathBuf>,
-    /// Replica processes (workers and SSE clients are spread over them)
-    /// [default: 1].
+    /// Replica processes (workers, SSE clients and fans are spread over them)
+    /// [default: 1; drop: 2].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=8))]
     pub(crate) replicas: Option<u64>,
     /// Extra environment for the replicas, e.g. DB_POOL_SIZE=32 or
@@ -224,6 +231,18 @@ async fn main() -> ExitCode {
             };
             with_replicas(setup, Run::Fanout(&args)).await
         }
+        Scenario::Drop(args) => {
+            let replicas = args.common.replicas.unwrap_or(2);
+            let setup = Setup {
+                common: &args.common,
+                replicas,
+                descriptors: 2 * args.connections * replicas + 1024,
+                env: Vec::new(),
+                inputs: Vec::new(),
+            };
+            with_replicas(setup, Run::Drop(&args)).await
+        }
+        Scenario::Plot(args) => report::plot(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -258,6 +277,7 @@ async fn hold_scenario(args: HoldArgs) -> Result<()> {
 enum Run<'a> {
     Hold(&'a HoldArgs),
     Fanout(&'a FanoutArgs),
+    Drop(&'a drop::DropArgs),
 }
 
 /// Creates the bench database and replicas, runs the scenario, and tears
@@ -281,6 +301,7 @@ async fn with_replicas(setup: Setup<'_>, run: Run<'_>) -> Result<()> {
             match run {
                 Run::Hold(args) => hold::hold_mode(args, &env, &http).await,
                 Run::Fanout(args) => fanout::sse_mode(args, &env, &http).await,
+                Run::Drop(args) => drop::drop_mode(args, &env, &http).await,
             }
         } => r,
         _ = shutdown_signal() => Err("interrupted".into()),
