@@ -226,7 +226,11 @@ async fn main() -> ExitCode {
                 common: &args.common,
                 replicas: args.common.replicas.unwrap_or(1),
                 descriptors: args.clients + 1024,
-                env: Vec::new(),
+                // Every stream comes from this one address.
+                env: vec![
+                    ("SSE_MAX_PER_IP".to_owned(), args.clients.to_string()),
+                    ("RATE_LIMIT_IP".to_owned(), "0".to_owned()),
+                ],
                 inputs: Vec::new(),
             };
             with_replicas(setup, Run::Fanout(&args)).await
@@ -266,9 +270,15 @@ async fn hold_scenario(args: HoldArgs) -> Result<()> {
         common: &args.common,
         replicas: args.common.replicas.unwrap_or(1),
         descriptors: 1024,
-        // Nothing expires during a run, and a sweep scans every pending hold
-        // (see `hold`). --replica-env SWEEP_INTERVAL_MS=500 restores it.
-        env: vec![("SWEEP_INTERVAL_MS".to_owned(), "60000".to_owned())],
+        env: vec![
+            // Nothing expires during a run, and a sweep scans every pending
+            // hold (see `hold`). --replica-env SWEEP_INTERVAL_MS=500 restores it.
+            ("SWEEP_INTERVAL_MS".to_owned(), "60000".to_owned()),
+            // The workers and their 5,000 guest tokens all come from this one
+            // address, which the per-address abuse limit (1,000 requests/s)
+            // would throttle: the run measures the hold, not the limit.
+            ("RATE_LIMIT_IP".to_owned(), "0".to_owned()),
+        ],
         inputs,
     };
     with_replicas(setup, Run::Hold(&args)).await
