@@ -175,17 +175,11 @@ fn latency_svg(points: &[Point]) -> String {
     let (w, h) = (760.0, 440.0);
     let (left, right, top, bottom) = (70.0, 190.0, 40.0, 60.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
-    let decade = |lo: f64, hi: f64| {
-        (
-            lo.log10().floor(),
-            hi.log10().ceil().max(lo.log10().floor() + 1.0),
-        )
-    };
-    let (x0, x1) = decade(
+    let (x0, x1) = nice_range(
         points.iter().map(|p| p.offered).fold(f64::MAX, f64::min),
         points.iter().map(|p| p.offered).fold(0.0, f64::max),
     );
-    let (y0, y1) = decade(
+    let (y0, y1) = nice_range(
         points.iter().map(|p| p.ms[0]).fold(f64::MAX, f64::min),
         points.iter().map(|p| p.ms[3]).fold(0.0, f64::max),
     );
@@ -197,46 +191,31 @@ fn latency_svg(points: &[Point]) -> String {
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
 <title>seatsync ticket drop: answer latency against load</title>
 <rect width="{w}" height="{h}" fill="#fff"/>
-<text x="{left}" y="22" font-size="14" font-weight="bold">Ticket drop: latency of the first answer, from the click</text>
+<text x="{left}" y="20" font-size="14" font-weight="bold">Ticket drop: latency of the first answer, from the click</text>
+<text x="{left}" y="34" fill="#555">one run per point; PostgreSQL, replicas and load generator share one machine</text>
 "##
     );
     // Grid lines at 1, 2, 5 per decade.
-    let mut e = x0;
-    while e <= x1 {
-        for m in [1.0, 2.0, 5.0] {
-            let v = m * 10f64.powf(e);
-            if v.log10() > x1 + 1e-9 {
-                break;
-            }
-            let px = x(v);
-            let _ = writeln!(
-                s,
-                r##"<line x1="{px:.1}" y1="{top}" x2="{px:.1}" y2="{:.1}" stroke="#ddd"/><text x="{px:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-                top + ph,
-                top + ph + 16.0,
-                human(v)
-            );
-        }
-        e += 1.0;
+    for v in ticks(x0, x1) {
+        let px = x(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{px:.1}" y1="{top}" x2="{px:.1}" y2="{:.1}" stroke="#ddd"/><text x="{px:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            top + ph,
+            top + ph + 16.0,
+            human(v)
+        );
     }
-    let mut e = y0;
-    while e <= y1 {
-        for m in [1.0, 2.0, 5.0] {
-            let v = m * 10f64.powf(e);
-            if v.log10() > y1 + 1e-9 {
-                break;
-            }
-            let py = y(v);
-            let _ = writeln!(
-                s,
-                r##"<line x1="{left}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-                left + pw,
-                left - 6.0,
-                py + 4.0,
-                human(v)
-            );
-        }
-        e += 1.0;
+    for v in ticks(y0, y1) {
+        let py = y(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + pw,
+            left - 6.0,
+            py + 4.0,
+            human(v)
+        );
     }
     let _ = writeln!(
         s,
@@ -253,10 +232,10 @@ fn latency_svg(points: &[Point]) -> String {
     modes.dedup();
     for (mi, mode) in modes.iter().enumerate() {
         let run: Vec<&Point> = points.iter().filter(|p| p.mode == *mode).collect();
-        let dash = if mi == 0 {
-            ""
-        } else {
+        let dash = if *mode == "best-available" {
             r#" stroke-dasharray="6 4""#
+        } else {
+            ""
         };
         for (k, colour) in colours.iter().enumerate() {
             let path: Vec<String> = run
@@ -306,6 +285,36 @@ fn latency_svg(points: &[Point]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// log10 of the 1-2-5 steps just below `lo` and just above `hi`.
+fn nice_range(lo: f64, hi: f64) -> (f64, f64) {
+    let steps = |e: f64| [1.0, 2.0, 5.0].map(|m| m * 10f64.powf(e));
+    let below = steps(lo.log10().floor())
+        .into_iter()
+        .rfind(|&v| v <= lo)
+        .unwrap_or(lo);
+    let above = (0..2)
+        .flat_map(|d| steps(hi.log10().floor() + f64::from(d)))
+        .find(|&v| v >= hi)
+        .unwrap_or(hi);
+    (below.log10(), above.log10().max(below.log10() + 0.3))
+}
+
+/// The 1-2-5 steps between two log10 bounds.
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut e = lo.floor();
+    while e <= hi.ceil() {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powf(e);
+            if v.log10() >= lo - 1e-9 && v.log10() <= hi + 1e-9 {
+                out.push(v);
+            }
+        }
+        e += 1.0;
+    }
+    out
 }
 
 fn human(v: f64) -> String {
