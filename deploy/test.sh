@@ -43,7 +43,9 @@ fi
 echo "seatsync: testing against $SEATSYNC_TEST_DATABASE_URL" >&2
 
 cargo fmt --all -- --check
-cargo clippy --all-targets --all-features --locked -- -D warnings
+# --workspace: the root package alone is the default, and the benchmark
+# (bench/) is linted too.
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 ./deploy/validate.sh
 # The seat-map page in a real browser, against replicas of the binary that
 # `cargo test` uses as well (same profile and features, so it is built once).
