@@ -8,6 +8,7 @@
 mod bad_inputs;
 mod best_available;
 mod bookings;
+mod chaos;
 mod concurrency;
 mod config;
 mod expiry;

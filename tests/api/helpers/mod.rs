@@ -1,11 +1,13 @@
 //! Shared test plumbing: per-test databases (`db`), replica processes and
 //! the HTTP contract (`replica`), an SSE reader (`sse`), and seat maps
 //! kept the way the page keeps them (`seat_map`), private PostgreSQL
-//! clusters and PgBouncers (`pg_cluster`).
+//! clusters and PgBouncers (`pg_cluster`), and what /proc says about a
+//! replica (`procfs`).
 
 mod db;
 mod pg_cluster;
 mod process;
+mod procfs;
 mod replica;
 mod seat_map;
 mod sse;
@@ -19,6 +21,7 @@ use serde_json::Value;
 pub use db::*;
 pub use pg_cluster::*;
 pub use process::*;
+pub use procfs::*;
 pub use replica::*;
 pub use seat_map::*;
 pub use sse::*;
