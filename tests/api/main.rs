@@ -21,3 +21,4 @@ mod observability;
 mod pgbouncer;
 mod realtime;
 mod smoke;
+mod soak;

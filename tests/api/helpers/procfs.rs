@@ -1,5 +1,6 @@
 //! What Linux's /proc says about a replica process: its sockets' local
-//! ports (to tie its backends in pg_stat_activity to it).
+//! ports (to tie its backends in pg_stat_activity to it), its resident
+//! memory and its open file descriptors.
 
 use std::collections::HashSet;
 
@@ -37,4 +38,21 @@ pub fn local_ports(pid: u32) -> HashSet<u16> {
         }
     }
     ports
+}
+
+/// Resident set size in KiB (`VmRSS`), None once the process is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Open file descriptors, None once the process is gone.
+pub fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
