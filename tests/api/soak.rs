@@ -49,6 +49,8 @@ struct Sample {
     pool_available: f64,
     pool_waiting: f64,
     streams: f64,
+    /// Connections of this test's own clients, kept alive by them.
+    ours: usize,
 }
 
 impl Sample {
@@ -63,6 +65,7 @@ impl Sample {
         Sample {
             rss_kib: rss_kib(pid).expect("VmRSS"),
             fds: open_fds(pid).expect("/proc/PID/fd"),
+            ours: accepted_from(pid, http_port(r), std::process::id()),
             pool_size,
             pool_available,
             pool_waiting,
@@ -71,9 +74,11 @@ impl Sample {
     }
 
     /// Descriptors other than pooled connections, which the pool keeps
-    /// open once it grew (deadpool closes none of them while idle).
-    fn fds_beside_pool(&self) -> i64 {
-        self.fds as i64 - self.pool_size as i64
+    /// open once it grew (deadpool closes none of them while idle), and
+    /// other than this test's own idle keep-alive connections (reqwest may
+    /// keep one or two to read /metrics, differently from run to run).
+    fn fds_left(&self) -> i64 {
+        self.fds as i64 - self.pool_size as i64 - self.ours as i64
     }
 }
 
@@ -197,6 +202,18 @@ async fn churner(
     }
 }
 
+fn http_port(r: &Replica) -> u16 {
+    r.base
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("http://host:port")
+}
+
+fn fds_by_kind(r: &Replica) -> std::collections::BTreeMap<String, usize> {
+    fd_kinds(r.pid().expect("replica runs"), http_port(r))
+}
+
 fn growth(from: f64, to: f64) -> f64 {
     (to - from) / from * 100.0
 }
@@ -213,6 +230,7 @@ async fn soak_holds_and_stream_churn_leave_nothing_behind() {
     let replicas = [&a, &b];
     // At rest: before any client but the one reading /metrics connected.
     let base: Vec<Sample> = join_all(replicas.iter().map(|r| Sample::take(r))).await;
+    let base_kinds: Vec<_> = replicas.iter().map(|r| fds_by_kind(r)).collect();
     let schedule = a.create_schedule(ROWS, COLS, &[]).await;
     // A client of the load's own, dropped with it, so that its idle
     // keep-alive connections count neither at rest nor at the end.
@@ -299,7 +317,7 @@ async fn soak_holds_and_stream_churn_leave_nothing_behind() {
         // 200 ms: waited for like the rest.
         let back = now.iter().zip(&base).all(|(n, b)| {
             n.streams == b.streams
-                && n.fds_beside_pool() == b.fds_beside_pool()
+                && n.fds_left() == b.fds_left()
                 && n.pool_available == n.pool_size
         });
         if back || Instant::now() >= deadline {
@@ -308,6 +326,13 @@ async fn soak_holds_and_stream_churn_leave_nothing_behind() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let returned = t.elapsed();
+    for (i, r) in replicas.iter().enumerate() {
+        println!(
+            "replica {i} descriptors at rest: {:?}; after the load: {:?}",
+            base_kinds[i],
+            fds_by_kind(r)
+        );
+    }
 
     let c = &counts;
     println!(
@@ -327,7 +352,7 @@ async fn soak_holds_and_stream_churn_leave_nothing_behind() {
     for i in 0..replicas.len() {
         println!(
             "replica {i}: from t={}s to t={}s RSS {} -> {} KiB ({:+.1}%, target < 5%), fds {} -> {}; \
-             after the load stopped (in {returned:?}): fds {} ({} beside the pool; {} at rest), \
+             after the load stopped (in {returned:?}): fds {} ({} beside the pool and our own keep-alive connections; {} at rest), \
              streams {} (at rest {}), pool size {} available {} waiting {}",
             from_at.as_secs(),
             to_at.as_secs(),
@@ -337,8 +362,8 @@ async fn soak_holds_and_stream_churn_leave_nothing_behind() {
             from[i].fds,
             to[i].fds,
             rest[i].fds,
-            rest[i].fds_beside_pool(),
-            base[i].fds_beside_pool(),
+            rest[i].fds_left(),
+            base[i].fds_left(),
             rest[i].streams,
             base[i].streams,
             rest[i].pool_size,
@@ -352,8 +377,8 @@ async fn soak_holds_and_stream_churn_leave_nothing_behind() {
             "replica {i}: streams did not return to base"
         );
         assert_eq!(
-            rest[i].fds_beside_pool(),
-            base[i].fds_beside_pool(),
+            rest[i].fds_left(),
+            base[i].fds_left(),
             "replica {i}: file descriptors did not return to base"
         );
         assert_eq!(
