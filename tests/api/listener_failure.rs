@@ -2,7 +2,6 @@
 //! not-ready, reconnects, and every connected client converges, missing
 //! nothing and receiving nothing twice.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,42 +10,6 @@ use crate::helpers::*;
 
 const LISTENERS: &str = "SELECT pid, client_port FROM pg_stat_activity \
      WHERE application_name = 'seatsync-listener' AND datname = $1";
-
-/// Local TCP ports of a process's sockets, from /proc (Linux): how a
-/// listener backend in pg_stat_activity (by client_port) is tied to a replica.
-fn local_ports(pid: u32) -> HashSet<u16> {
-    let mut inodes = HashSet::new();
-    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        for fd in fds.flatten() {
-            if let Ok(link) = std::fs::read_link(fd.path()) {
-                let link = link.to_string_lossy().into_owned();
-                if let Some(inode) = link
-                    .strip_prefix("socket:[")
-                    .and_then(|s| s.strip_suffix(']'))
-                {
-                    inodes.insert(inode.to_owned());
-                }
-            }
-        }
-    }
-    let mut ports = HashSet::new();
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() > 9 && inodes.contains(cols[9]) {
-                if let Some(port) = cols[1].rsplit(':').next() {
-                    if let Ok(p) = u16::from_str_radix(port, 16) {
-                        ports.insert(p);
-                    }
-                }
-            }
-        }
-    }
-    ports
-}
 
 /// Terminates the listener backends of database `db_name`; only those of
 /// the replica process `only` if given. Returns how many were terminated.

@@ -1,13 +1,14 @@
 //! Shared test plumbing: per-test databases (`db`), replica processes and
 //! the HTTP contract (`replica`), an SSE reader (`sse`), seat maps kept the
 //! way the page keeps them (`seat_map`), private PostgreSQL clusters and
-//! PgBouncers (`pg_cluster`), nginx in front (`nginx`), and replicas whose
-//! log is read (`process`).
+//! PgBouncers (`pg_cluster`), nginx in front (`nginx`), replicas whose log
+//! is read (`process`), and what /proc says about a replica (`procfs`).
 
 mod db;
 mod nginx;
 mod pg_cluster;
 mod process;
+mod procfs;
 mod replica;
 mod seat_map;
 mod sse;
@@ -25,6 +26,7 @@ pub use db::*;
 pub use nginx::*;
 pub use pg_cluster::*;
 pub use process::*;
+pub use procfs::*;
 pub use replica::*;
 pub use seat_map::*;
 pub use sse::*;

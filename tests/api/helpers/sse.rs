@@ -29,11 +29,22 @@ pub struct SseClient {
 
 impl SseClient {
     pub async fn connect(url: &str, last_event_id: Option<&str>) -> SseClient {
+        Self::try_connect(url, last_event_id)
+            .await
+            .expect("stream request")
+    }
+
+    /// Like [`SseClient::connect`], for tests where the server may be gone
+    /// (killed replicas): the connection error instead of a panic.
+    pub async fn try_connect(
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<SseClient, reqwest::Error> {
         let mut req = reqwest::Client::new().get(url);
         if let Some(id) = last_event_id {
             req = req.header("Last-Event-ID", id);
         }
-        let resp = req.send().await.expect("stream request");
+        let resp = req.send().await?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -49,12 +60,12 @@ impl SseClient {
                 }
             }
         });
-        SseClient {
+        Ok(SseClient {
             status,
             headers,
             rx,
             task,
-        }
+        })
     }
 
     /// The next frame, or None if the stream ended or `timeout` passed.
@@ -63,6 +74,15 @@ impl SseClient {
             .await
             .ok()
             .flatten()
+    }
+
+    /// The next frame; `Ok(None)` once the stream ended (the server closed
+    /// it or the connection broke), `Err` if it was only silent for `timeout`.
+    pub async fn next_or_end(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<SseFrame>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(timeout, self.rx.recv()).await
     }
 
     /// The next frame that is not a comment or retry.
