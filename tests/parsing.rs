@@ -4,7 +4,8 @@
 //!
 //! - request bodies: `parse_json` of the start and create-schedule bodies,
 //!   the `ApiJson` extractor (content types), then `validate_seats`,
-//!   `validate_quantity`, `Grid::locate` and schedule validation;
+//!   `validate_quantity`, `Grid::locate` and schedule validation (private,
+//!   `NewSchedule::validate`: reached through `ScheduleCatalog::create`);
 //! - bearer tokens: `TokenAuthority::verify`;
 //! - `Last-Event-ID`: `Resume::parse`.
 //!
@@ -14,8 +15,9 @@
 //! the code under test.
 //!
 //! Cases per property: `SEATSYNC_FUZZ_CASES`, else `PROPTEST_CASES`, else
-//! 256. A long run: `SEATSYNC_FUZZ_CASES=100000 cargo test --release --test
-//! parsing -- --nocapture`.
+//! 256 (the whole file well under a second). A long run, about 10 minutes
+//! on two cores: `SEATSYNC_FUZZ_CASES=100000 cargo test --test parsing --
+//! --nocapture`.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
