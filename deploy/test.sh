@@ -54,6 +54,7 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 ensure_chromium
 ensure_browser_test_deps
 cargo build --locked --features fault-injection --bin seatsync
+./deploy/schemathesis.sh
 SEATSYNC_BIN="$(pwd)/${CARGO_TARGET_DIR:-target}/debug/seatsync" npm --prefix tests/browser test
 # Unit tests, then the integration suite (its summary is the last line).
 cargo test --locked --features fault-injection --lib --bins --tests
