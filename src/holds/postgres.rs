@@ -647,6 +647,21 @@ async fn best_available(
     hold_seconds: i32,
     events: &mut EventBatch,
 ) -> Result<Decision<HoldOutcome>, DbError> {
+    // The user's own pending booking here, settled before the turn: its row
+    // may be locked by another start that is releasing it (overdue, in that
+    // start's way) and that waits for this show's turn in its own right.
+    // Waiting for that row while holding the turn would close a cycle.
+    if let Some(row) = tx
+        .query_opt(&FIND_PENDING_OF_USER, &[&req.schedule_id, &req.user_id])
+        .await?
+    {
+        let existing: Uuid = row.try_get(0)?;
+        return Ok(if row.try_get::<_, bool>(1)? {
+            Decision::ExpireFirst(vec![existing])
+        } else {
+            Decision::Refuse(HoldError::BookingInProgress(existing))
+        });
+    }
     tx.query(
         &LOCK_USER,
         &[&SHOW_LOCK_CLASS, &show_lock_key(req.schedule_id)],
