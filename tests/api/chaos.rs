@@ -397,25 +397,6 @@ impl Ctx {
     }
 }
 
-fn parse_snapshot(body: &Value) -> (i64, SeatMap) {
-    let last = body["lastEventId"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("snapshot without lastEventId: {body}"));
-    let seats = body["seats"]
-        .as_array()
-        .unwrap_or_else(|| panic!("snapshot without seats: {body}"))
-        .iter()
-        .map(|s| {
-            (
-                (s["row"].as_i64().unwrap(), s["col"].as_i64().unwrap()),
-                s["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    (last, seats)
-}
-
 enum After {
     Confirm,
     Cancel,

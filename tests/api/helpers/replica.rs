@@ -42,6 +42,26 @@ pub fn start_body(schedule: i64, seats: &[(i64, i64)]) -> Value {
     json!({"scheduleId": schedule, "seats": seats})
 }
 
+/// A seat-status body as (lastEventId, {(row, col) -> status}).
+pub fn parse_snapshot(body: &Value) -> (i64, BTreeMap<(i64, i64), String>) {
+    let last = body["lastEventId"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("snapshot without lastEventId: {body}"));
+    let seats = body["seats"]
+        .as_array()
+        .unwrap_or_else(|| panic!("snapshot without seats: {body}"))
+        .iter()
+        .map(|s| {
+            (
+                (s["row"].as_i64().unwrap(), s["col"].as_i64().unwrap()),
+                s["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    (last, seats)
+}
+
 /// `seatsync serve` on `database_url`, a free port of 127.0.0.1, and the
 /// test secrets, with nothing else from the environment.
 pub fn seatsync_command(database_url: &str) -> Command {
@@ -296,23 +316,7 @@ impl Replica {
             .get(&format!("/api/schedules/{schedule}/seat-status"), None)
             .await;
         assert_eq!(r.status, 200, "{:?}", r.body);
-        let last: i64 = r.body["lastEventId"]
-            .as_str()
-            .expect("lastEventId is a string")
-            .parse()
-            .expect("numeric");
-        let seats = r.body["seats"]
-            .as_array()
-            .expect("seats")
-            .iter()
-            .map(|s| {
-                (
-                    (s["row"].as_i64().unwrap(), s["col"].as_i64().unwrap()),
-                    s["status"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect();
-        (last, seats)
+        parse_snapshot(&r.body)
     }
 
     /// Opens the seat stream; `last_event_id` goes in the header.
