@@ -163,6 +163,7 @@ impl Application {
                 streams_per_address: config.sse_max_per_ip,
                 trusted_proxies: config.trusted_proxies.clone(),
                 request_timeout: Duration::from_secs(config.request_timeout_seconds.into()),
+                max_header_bytes: config.max_header_bytes as usize,
             })),
             shutdown,
             metrics: crate::telemetry::metrics_recorder(),

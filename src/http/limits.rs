@@ -37,6 +37,8 @@ pub struct LimitSettings {
     pub streams_per_address: u32,
     pub trusted_proxies: Vec<IpNet>,
     pub request_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
 }
 
 /// The limits' state on this replica.
@@ -206,6 +208,25 @@ pub async fn limit_address(State(state): State<AppState>, req: Request, next: Ne
     let ClientAddress(address) = ClientAddress::of(&state, req.extensions(), req.headers());
     if let Err(e) = state.abuse.check_address(address) {
         return e.into_response();
+    }
+    next.run(req).await
+}
+
+/// Every request: a head (request line and headers) larger than
+/// `MAX_HEADER_BYTES` gets `431`. hyper's read buffer bounds a head only
+/// roughly (one read may take in more), so the exact limit is kept here.
+pub async fn limit_head(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.abuse.settings.max_header_bytes;
+    let head = req.method().as_str().len()
+        + req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            // "name: value\r\n"
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if head > limit {
+        return ApiError::HeadersTooLarge { limit }.into_response();
     }
     next.run(req).await
 }

@@ -93,6 +93,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(reject_large_bodies))
         .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::limit_head,
+        ))
+        .layer(middleware::from_fn_with_state(
             state.shutdown.clone(),
             observe::observe,
         ))
