@@ -4,7 +4,8 @@
 //! - A header read timeout: a client that opens a connection and never
 //!   finishes its request head (slowloris) is closed after it, instead of
 //!   holding a file descriptor for as long as it likes.
-//! - A cap on the request head's size: larger heads get `431`.
+//! - A bound on hyper's read buffer (the exact request-head limit, `431`,
+//!   is the router's).
 //! - `TCP_USER_TIMEOUT`: a connection whose sent data stays unacknowledged
 //!   is dropped (see [`limit_unacknowledged`]).
 //! - The peer address for the rate limits, as `ConnectInfo`.
@@ -27,7 +28,7 @@ use tower::ServiceExt;
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
-    /// hyper's read buffer while it parses a request head (at least 8 KiB).
+    /// The request-head limit; hyper's read buffer may grow to four times it.
     pub max_header_bytes: usize,
     pub write_timeout: Duration,
 }
@@ -45,7 +46,11 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8 * 1024));
+        // Room for heads well past the limit, so that the exact limit is
+        // the router's clean `431` (`http::limits::limit_head`). hyper's own
+        // cap, hit mid-read, may reset the connection before the client has
+        // finished sending, and the client then sees no answer at all.
+        .max_buf_size((limits.max_header_bytes * 4).max(64 * 1024));
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
