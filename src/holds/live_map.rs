@@ -452,14 +452,6 @@ impl LiveMaps {
             ShowMap::Live(show) => show.last_used.elapsed() < quiet,
         });
     }
-
-    /// Showings with a live map (for `/metrics`).
-    pub fn live_count(&self) -> usize {
-        self.lock()
-            .values()
-            .filter(|m| matches!(m, ShowMap::Live(_)))
-            .count()
-    }
 }
 
 #[cfg(test)]
