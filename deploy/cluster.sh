@@ -222,7 +222,7 @@ mkdir -p "$NDIR/logs"
 chmod 755 "$NDIR"
 awk -v servers="${ADDRS[*]}" -v port="$PORT" '
   { code = $0; sub(/#.*/, "", code) }
-  code ~ /^[ \t]*upstream[ \t]/ { up = 1 }
+  code ~ /^[ \t]*upstream[ \t]/ { up = 1; done = 0; k = 0 }
   up && code ~ /^[ \t]*}/ { up = 0 }
   up && code ~ /^[ \t]*server[ \t]/ {
     if (!done) {

@@ -180,6 +180,19 @@ pub(crate) fn proc_ticks(pid: i32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
+/// (utime, stime) of a process, in milliseconds.
+pub(crate) fn proc_user_sys_ms(pid: i32) -> (f64, f64) {
+    let parse = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+    };
+    let (user, sys) = parse().unwrap_or((0, 0));
+    let ms = 1000.0 / clock_ticks();
+    (user as f64 * ms, sys as f64 * ms)
+}
+
 pub(crate) fn proc_cpu_ms(pid: i32) -> f64 {
     proc_ticks(pid).unwrap_or(0) as f64 * 1000.0 / clock_ticks()
 }

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::cpu::proc_user_sys_ms;
 use crate::env::{create_schedules, guest_tokens, pg_connect, BenchEnv};
 use crate::hold::{start_request, PAIRS_PER_ROW};
 use crate::http::{find, read_head, Dechunker, HttpConn};
@@ -254,7 +255,14 @@ pub(crate) async fn sse_mode(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_connected: Vec<u64> = env.replicas.iter().map(|r| vm_rss_kib(r.pid)).collect();
 
-    // Holds at a steady rate; each reports when its 201 arrived.
+    // Holds at a steady rate; each reports when its 201 arrived. The
+    // replicas' CPU from here until every event is delivered is charged to
+    // the deliveries: the holds themselves cost well under 1% of it.
+    let cpu_before: Vec<(f64, f64)> = env
+        .replicas
+        .iter()
+        .map(|r| proc_user_sys_ms(r.pid as i32))
+        .collect();
     println!("bench: sse: {holds} holds at {}/s", args.rate);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -294,6 +302,15 @@ pub(crate) async fn sse_mode(
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let cpu_ms: Vec<(f64, f64)> = env
+        .replicas
+        .iter()
+        .zip(&cpu_before)
+        .map(|(r, before)| {
+            let (user, sys) = proc_user_sys_ms(r.pid as i32);
+            (user - before.0, sys - before.1)
+        })
+        .collect();
     let rss_after: Vec<u64> = env.replicas.iter().map(|r| vm_rss_kib(r.pid)).collect();
     stop.cancel();
     let mut logs = Vec::with_capacity(n_clients);
@@ -422,11 +439,23 @@ pub(crate) async fn sse_mode(
             r.pid
         );
     }
+    let user_ms: f64 = cpu_ms.iter().map(|c| c.0).sum();
+    let sys_ms: f64 = cpu_ms.iter().map(|c| c.1).sum();
+    let deliveries = latencies.len().max(1) as f64;
+    let us_per_delivery = (user_ms + sys_ms) * 1000.0 / deliveries;
+    println!(
+        "replica CPU      {:.0} ms for {} deliveries ({:?} ms per replica): {us_per_delivery:.2} µs per delivered event ({:.2} user, {:.2} kernel)",
+        user_ms + sys_ms,
+        latencies.len(),
+        cpu_ms.iter().map(|c| (c.0 + c.1).round() as i64).collect::<Vec<_>>(),
+        user_ms * 1000.0 / deliveries,
+        sys_ms * 1000.0 / deliveries,
+    );
     let total_before: u64 = rss_before.iter().sum();
     let total_after: u64 = rss_connected.iter().sum();
     let kib_per_stream = (total_after as f64 - total_before as f64) / subscribed.max(1) as f64;
     println!(
-        "bench: sse {subscribed} streams, {ok_holds} events, delivery p50 {:.2} ms p99 {:.2} ms max {:.2} ms, missed {missed}, duplicated {duplicated}, {kib_per_stream:.1} KiB/stream",
+        "bench: sse {subscribed} streams, {ok_holds} events, delivery p50 {:.2} ms p99 {:.2} ms max {:.2} ms, missed {missed}, duplicated {duplicated}, {kib_per_stream:.1} KiB/stream, {us_per_delivery:.2} µs CPU/delivery",
         ms(percentile_i(&latencies, 0.5)),
         ms(percentile_i(&latencies, 0.99)),
         ms(latencies.last().copied().unwrap_or(0)),

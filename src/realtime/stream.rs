@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::event_log::EventLog;
@@ -154,37 +155,55 @@ fn seat_event_stream<G: Send + 'static>(
             Resume::Invalid => yield Ok(Bytes::from_static(RESYNC_FRAME)),
             Resume::After(n) if n > newest => yield Ok(Bytes::from_static(RESYNC_FRAME)),
             Resume::After(n) => {
-                for f in replay_frames(&ctx.log, schedule_id, n, newest).await {
+                // Boxed here and below: kept inline, a database query's
+                // state would make every idle stream that much larger.
+                for f in Box::pin(replay_frames(&ctx.log, schedule_id, n, newest)).await {
                     yield Ok(f);
                 }
             }
         }
 
+        // One timer per stream, re-armed only when it fires: an event costs
+        // a clock read, not a timer registration. It fires `heartbeat` after
+        // the last frame sent, or later, never sooner.
+        let mut last_sent = Instant::now();
+        let heartbeat = tokio::time::sleep_until(last_sent + ctx.heartbeat);
+        tokio::pin!(heartbeat);
         loop {
             let message = tokio::select! {
                 biased;
                 _ = ctx.shutdown.cancelled() => break,
-                m = tokio::time::timeout(ctx.heartbeat, sub.recv()) => m,
+                m = sub.recv() => Ok(m),
+                () = &mut heartbeat => Err(()),
             };
             match message {
-                Err(_silent) => yield Ok(Bytes::from_static(HEARTBEAT_FRAME)),
+                Err(()) => {
+                    let now = Instant::now();
+                    if now >= last_sent + ctx.heartbeat {
+                        last_sent = now;
+                        yield Ok(Bytes::from_static(HEARTBEAT_FRAME));
+                    }
+                    heartbeat.as_mut().reset(last_sent + ctx.heartbeat);
+                }
                 Ok(Ok(HubMessage::Event(frame))) => {
                     let expected = pos.map(|p| p + 1);
                     match expected {
                         Some(next) if frame.id < next => continue,
                         Some(next) if frame.id > next => {
                             // A hole: fill it from the log, or resync.
-                            for f in replay_frames(&ctx.log, schedule_id, next - 1, frame.id - 1).await {
+                            for f in Box::pin(replay_frames(&ctx.log, schedule_id, next - 1, frame.id - 1)).await {
                                 yield Ok(f);
                             }
                         }
                         _ => {}
                     }
                     pos = Some(frame.id);
+                    last_sent = Instant::now();
                     yield Ok(frame.bytes.clone());
                 }
                 Ok(Ok(HubMessage::Resync)) => {
                     pos = None;
+                    last_sent = Instant::now();
                     yield Ok(Bytes::from_static(RESYNC_FRAME));
                 }
                 Ok(Err(RecvError::Lagged(missed))) => {

@@ -60,12 +60,15 @@ pub fn site_config(servers: &[String], port: u16, opts: &NginxOpts) -> String {
     let shipped = std::fs::read_to_string(SHIPPED).expect("read deploy/nginx/seatsync.conf");
     let mut out = Vec::new();
     let (mut in_upstream, mut servers_done) = (false, false);
+    let mut upstreams = 0;
     let mut replaced = vec![0usize; opts.overrides.len()];
     for line in shipped.lines() {
         let code = line.split('#').next().unwrap_or("").trim();
         let indent = &line[..line.len() - line.trim_start().len()];
         if code.starts_with("upstream ") {
             in_upstream = true;
+            servers_done = false;
+            upstreams += 1;
         } else if in_upstream && code == "}" {
             in_upstream = false;
         }
@@ -92,7 +95,10 @@ pub fn site_config(servers: &[String], port: u16, opts: &NginxOpts) -> String {
         }
         out.push(line.to_owned());
     }
-    assert!(servers_done, "no upstream servers in {SHIPPED}");
+    assert!(
+        upstreams > 0 && servers_done,
+        "no upstream servers in {SHIPPED}"
+    );
     for ((d, _), n) in opts.overrides.iter().zip(replaced) {
         assert!(n > 0, "{d} is not in {SHIPPED}; nothing to override");
     }

@@ -9,7 +9,15 @@
 //! - `TCP_USER_TIMEOUT`: a connection whose sent data stays unacknowledged
 //!   is dropped (see [`limit_unacknowledged`]).
 //! - The peer address for the rate limits, as `ConnectInfo`.
+//!
+//! A connection that opens with a seat-stream request is answered by
+//! [`event_stream`] instead of hyper, to keep idle streams small.
 
+mod event_stream;
+mod rewind;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -19,10 +27,13 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use event_stream::Sniffed;
+use rewind::Rewind;
 
 /// What every connection is held to.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +62,7 @@ pub async fn serve(
         // cap, hit mid-read, may reset the connection before the client has
         // finished sending, and the client then sees no answer at all.
         .max_buf_size((limits.max_header_bytes * 4).max(64 * 1024));
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -70,25 +82,66 @@ pub async fn serve(
             tracing::warn!(error = %e, "cannot set TCP_USER_TIMEOUT on a client connection");
         }
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            // The router is cloned per request: cheap (it is shared).
-            app.clone().oneshot(req.map(Body::new))
-        });
-        let connection = graceful.watch(
-            builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        });
+        // The watcher also makes the graceful shutdown wait for this
+        // connection while it is sniffed or holds a seat stream.
+        tokio::spawn(connection(
+            stream,
+            peer,
+            app.clone(),
+            builder.clone(),
+            graceful.watcher(),
+            limits,
+            shutdown.clone(),
+        ));
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Serves one client connection: a seat stream here, anything else with
+/// hyper.
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    builder: Arc<Builder<TokioExecutor>>,
+    watcher: Watcher,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) {
+    let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+    let prefix = match event_stream::sniff(
+        &mut stream,
+        limits.max_header_bytes,
+        deadline,
+        &shutdown,
+    )
+    .await
+    {
+        Sniffed::Gone => return,
+        Sniffed::SeatStream(request) => {
+            event_stream::serve(stream, peer, request, app).await;
+            drop(watcher);
+            return;
+        }
+        Sniffed::Other(prefix) => prefix,
+    };
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        // The router is cloned per request: cheap (it is shared).
+        app.clone().oneshot(req.map(Body::new))
+    });
+    // Boxed, so that a seat stream's task is not as large as hyper's.
+    let connection = Box::pin(
+        watcher.watch(
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(Rewind::new(prefix, stream)), service)
+                .into_owned(),
+        ),
+    );
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
 }
 
 /// Drops a client connection whose sent data stays unacknowledged for

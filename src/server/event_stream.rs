@@ -1,0 +1,342 @@
+//! Seat-event streams opened on a fresh connection are answered here,
+//! without hyper.
+//!
+//! Why: a ticket drop keeps tens of thousands of streams open and idle, and
+//! an idle stream on a hyper connection keeps hyper's read buffer, its
+//! response-head buffer and its dispatcher (about 20 KiB of resident memory
+//! per stream, measured). Here a stream costs its socket, its seat-event
+//! stream and a few hundred bytes of state.
+//!
+//! Only the plainest request takes this path: the first request of a
+//! connection, `GET /api/schedules/{id}/seats/stream[?query]` over HTTP/1.1
+//! or 1.0, with a complete, well-formed head within the head limit and no
+//! body.
+//! Anything else, including every malformed or oversized head, goes to
+//! hyper with the bytes read so far put back, so its answers stay hyper's.
+//! The request still runs through the whole router (limits, request id,
+//! metrics, errors); only the response is written here (chunked for
+//! HTTP/1.1, ended by closing for HTTP/1.0), and the connection closes
+//! after it. A proxy that sends each stream on a connection of its own
+//! (no upstream keep-alive, or HTTP/1.0) gets this path for every stream.
+
+use std::io::IoSlice;
+use std::time::SystemTime;
+
+use axum::body::{Body, HttpBody};
+use axum::extract::ConnectInfo;
+use axum::http::{header, HeaderName, HeaderValue, Method, Request, Response, Version};
+use axum::Router;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// Every seat-stream request starts with this.
+const PREFIX: &[u8] = b"GET /api/schedules/";
+/// Headers a request may carry on this path (more go to hyper).
+const MAX_HEADERS: usize = 64;
+
+/// What the first bytes of a connection turned out to be.
+pub enum Sniffed {
+    /// A seat-stream request, parsed; the connection is answered here.
+    SeatStream(Box<Request<Body>>),
+    /// Anything else: hyper serves the connection from these bytes on.
+    Other(Bytes),
+    /// Nothing to serve: the client left, or sent no complete head in
+    /// time (as hyper's own head timeout would, the connection is closed).
+    Gone,
+}
+
+/// Reads the start of a connection until it is clear whether it is a
+/// seat-stream request. Most connections are told apart by their first
+/// bytes; only a stream request is read to the end of its head.
+pub async fn sniff(
+    tcp: &mut TcpStream,
+    max_head: usize,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) -> Sniffed {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(1024);
+        }
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => return Sniffed::Gone,
+            read = tokio::time::timeout_at(deadline, tcp.read_buf(&mut buf)) => read,
+        };
+        match read {
+            Err(_) | Ok(Err(_)) => return Sniffed::Gone,
+            Ok(Ok(0)) if buf.is_empty() => return Sniffed::Gone,
+            // A head cut short: hyper answers it as it would have.
+            Ok(Ok(0)) => return Sniffed::Other(buf.freeze()),
+            Ok(Ok(_)) => {}
+        }
+        let seen = buf.len().min(PREFIX.len());
+        if buf[..seen] != PREFIX[..seen] || buf.len() > max_head {
+            return Sniffed::Other(buf.freeze());
+        }
+        match parse(&buf) {
+            Parse::Partial => continue,
+            Parse::Other => return Sniffed::Other(buf.freeze()),
+            Parse::SeatStream(request) => return Sniffed::SeatStream(request),
+        }
+    }
+}
+
+enum Parse {
+    Partial,
+    Other,
+    SeatStream(Box<Request<Body>>),
+}
+
+fn parse(buf: &[u8]) -> Parse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut headers);
+    let length = match head.parse(buf) {
+        Ok(httparse::Status::Partial) => return Parse::Partial,
+        Ok(httparse::Status::Complete(n)) => n,
+        Err(_) => return Parse::Other,
+    };
+    // Bytes past the head would be a pipelined request or a body.
+    let version = match head.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Parse::Other,
+    };
+    if length != buf.len() || head.method != Some("GET") {
+        return Parse::Other;
+    }
+    let Some(target) = head.path.filter(|p| is_seat_stream_path(p)) else {
+        return Parse::Other;
+    };
+    let Ok(mut request) = Request::builder()
+        .method(Method::GET)
+        .uri(target)
+        .version(version)
+        .body(Body::empty())
+    else {
+        return Parse::Other;
+    };
+    let map = request.headers_mut();
+    for h in head.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return Parse::Other;
+        };
+        // A body, or a protocol switch, is hyper's business.
+        let body_or_upgrade = name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+            || (name == header::CONTENT_LENGTH && value.as_bytes() != b"0");
+        if body_or_upgrade {
+            return Parse::Other;
+        }
+        map.append(name, value);
+    }
+    Parse::SeatStream(Box::new(request))
+}
+
+/// `/api/schedules/{id}/seats/stream`, with or without a query.
+fn is_seat_stream_path(target: &str) -> bool {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    path.strip_prefix("/api/schedules/")
+        .and_then(|rest| rest.strip_suffix("/seats/stream"))
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// Answers a seat-stream request through the router and writes the
+/// response. Returns when the response has ended or the client has left.
+pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, request: Box<Request<Body>>, app: Router) {
+    let mut request = *request;
+    request.extensions_mut().insert(ConnectInfo(peer));
+    let chunked_ok = request.version() == Version::HTTP_11;
+    // Boxed: the router's future is large, and only needed until the head.
+    let response = match Box::pin(app.oneshot(request)).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    if let Err(e) = write_response(&mut tcp, response, chunked_ok).await {
+        tracing::debug!(error = %e, %peer, "seat stream connection ended");
+    }
+}
+
+async fn write_response(
+    tcp: &mut TcpStream,
+    response: Response<Body>,
+    chunked_ok: bool,
+) -> std::io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let length = body.size_hint().exact();
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        let framing = name == header::CONNECTION
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONTENT_LENGTH;
+        if !framing {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        head.extend_from_slice(b"date: ");
+        head.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    let chunked = length.is_none() && chunked_ok;
+    if let Some(n) = length {
+        head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
+    } else if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    tcp.write_all(&head).await?;
+    drop(head);
+
+    let mut data = body.into_data_stream();
+    let (mut rx, mut tx) = tcp.split();
+    // The client sends nothing more; a read only ever ends the stream
+    // (EOF or an error), so a closed stream's resources go at once.
+    let mut probe = [0u8; 8];
+    loop {
+        let next = tokio::select! {
+            biased;
+            read = rx.read(&mut probe) => match read {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => continue,
+            },
+            next = data.next() => next,
+        };
+        match next {
+            Some(Ok(bytes)) if bytes.is_empty() => {}
+            Some(Ok(bytes)) if chunked => write_chunk(&mut tx, &bytes).await?,
+            Some(Ok(bytes)) => tx.write_all(&bytes).await?,
+            Some(Err(e)) => return Err(std::io::Error::other(e)),
+            None => break,
+        }
+    }
+    if chunked {
+        tx.write_all(b"0\r\n\r\n").await?;
+    }
+    tx.shutdown().await
+}
+
+/// One chunk in one system call: size line, data, end of line.
+async fn write_chunk(
+    tx: &mut tokio::net::tcp::WriteHalf<'_>,
+    bytes: &Bytes,
+) -> std::io::Result<()> {
+    let mut size = [0u8; 18];
+    let size_len = chunk_size_line(bytes.len(), &mut size);
+    let parts = [&size[..size_len], &bytes[..], b"\r\n"];
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut written = 0;
+    while written < total {
+        // Skip what is already out, then write the rest in one call.
+        let mut skip = written;
+        let mut stack: [IoSlice<'_>; 3] = [IoSlice::new(&[]); 3];
+        let mut count = 0;
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            stack[count] = IoSlice::new(&p[skip..]);
+            skip = 0;
+            count += 1;
+        }
+        let n = tx.write_vectored(&stack[..count]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        written += n;
+    }
+    Ok(())
+}
+
+/// Writes `{len:x}\r\n` into `out`, returning its length.
+fn chunk_size_line(len: usize, out: &mut [u8; 18]) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for i in 0..digits {
+        out[digits - 1 - i] = HEX[(len >> (4 * i)) & 0xf];
+    }
+    out[digits] = b'\r';
+    out[digits + 1] = b'\n';
+    digits + 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_only_seat_stream_paths() {
+        for yes in [
+            "/api/schedules/1/seats/stream",
+            "/api/schedules/1/seats/stream?lastEventId=4",
+            "/api/schedules/abc/seats/stream",
+        ] {
+            assert!(is_seat_stream_path(yes), "{yes}");
+        }
+        for no in [
+            "/api/schedules//seats/stream",
+            "/api/schedules/1/2/seats/stream",
+            "/api/schedules/1/seats/streams",
+            "/api/schedules/1/seat-status",
+            "/api/schedules/1/seats/stream/",
+        ] {
+            assert!(!is_seat_stream_path(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn takes_only_plain_complete_stream_heads() {
+        let stream = |head: &str| matches!(parse(head.as_bytes()), Parse::SeatStream(_));
+        assert!(stream(
+            "GET /api/schedules/1/seats/stream HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 3\r\n\r\n"
+        ));
+        assert!(matches!(
+            parse(b"GET /api/schedules/1/seats/stream HTTP/1.1\r\nHost: x\r\n"),
+            Parse::Partial
+        ));
+        assert!(stream("GET /api/schedules/1/seats/stream HTTP/1.0\r\n\r\n"));
+        for other in [
+            "POST /api/schedules/1/seats/stream HTTP/1.1\r\n\r\n",
+            "GET /api/schedules/1/seats/stream HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            "GET /api/schedules/1/seats/stream HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /api/schedules/1/seats/stream HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            "GET /api/schedules/1/seats/stream HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "GET /api/schedules/1 HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(!stream(other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn writes_chunk_sizes_in_hex() {
+        let mut out = [0u8; 18];
+        for (len, want) in [
+            (0, "0\r\n"),
+            (10, "a\r\n"),
+            (255, "ff\r\n"),
+            (4096, "1000\r\n"),
+        ] {
+            let n = chunk_size_line(len, &mut out);
+            assert_eq!(&out[..n], want.as_bytes());
+        }
+    }
+}
