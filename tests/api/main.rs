@@ -25,3 +25,4 @@ mod pgbouncer;
 mod realtime;
 mod smoke;
 mod soak;
+mod stream_connections;
