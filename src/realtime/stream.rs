@@ -169,10 +169,14 @@ fn seat_event_stream<G: Send + 'static>(
         let mut last_sent = Instant::now();
         let heartbeat = tokio::time::sleep_until(last_sent + ctx.heartbeat);
         tokio::pin!(heartbeat);
+        // Made once: a fresh `cancelled()` per event would register and
+        // unregister on the token's one lock, shared by every stream.
+        let shutdown = ctx.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
         loop {
             let message = tokio::select! {
                 biased;
-                _ = ctx.shutdown.cancelled() => break,
+                () = &mut shutdown => break,
                 m = sub.recv() => Ok(m),
                 () = &mut heartbeat => Err(()),
             };
