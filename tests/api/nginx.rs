@@ -253,7 +253,7 @@ async fn rolling_restart_under_load_loses_no_event_and_no_request() {
             Replica::spawn(&cluster.db, cluster.opts.clone().with("PORT", &port)).await;
         let ready = Instant::now();
         // nginx tried the port while it was closed and counts it failed for
-        // fail_timeout (2 s): a restart must wait until nginx sends it
+        // fail_timeout (1 s): a restart must wait until nginx sends it
         // requests again, or with all replicas counted failed at once nginx
         // answers 502 (no live upstreams) without trying any.
         wait_for(
