@@ -151,7 +151,6 @@ impl Application {
                 ScheduleHubs::new(config.sse_client_buffer as usize),
                 EventLog::new(db),
                 config.heartbeat(),
-                shutdown.clone(),
             ),
             live_maps: LiveMaps::new(listener_ready.clone()),
             admission: ShowAdmission::new(config.holds_per_show()),
@@ -280,6 +279,7 @@ impl Application {
         };
         // The server stops a little after shutdown begins (see SHUTDOWN_DRAIN).
         let stop_serving = CancellationToken::new();
+        let streams = state.streams.clone();
         let server = tokio::spawn(serve(listener, router(state), limits, stop_serving.clone()));
 
         // Every background task runs until shutdown. One that ends sooner
@@ -298,6 +298,8 @@ impl Application {
                 Some(ended)
             },
         };
+        // Streams end now: EventSource reconnects to another replica at once.
+        streams.end_all();
         if failed.is_none() {
             tokio::time::sleep(SHUTDOWN_DRAIN).await;
         }

@@ -1,7 +1,7 @@
 //! A broadcast channel per schedule that has viewers on this replica.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
@@ -39,6 +39,8 @@ pub struct ScheduleHubs {
     /// Bumped each time the listener (re)connects, before it replays gaps:
     /// a stream that sees it change while subscribing replays for itself.
     generation: Arc<AtomicU64>,
+    /// Set once at shutdown: every channel is gone and none is made again.
+    closed: Arc<AtomicBool>,
 }
 
 impl ScheduleHubs {
@@ -47,7 +49,18 @@ impl ScheduleHubs {
             inner: Arc::default(),
             capacity,
             generation: Arc::default(),
+            closed: Arc::default(),
         }
+    }
+
+    /// Ends every stream (at shutdown): each gets what is already queued
+    /// for it, then the end. A stream that subscribes later ends at once.
+    /// Streams end through their channel rather than each watching the
+    /// shutdown token, whose one lock every stream would take per event.
+    pub fn close(&self) {
+        let mut map = self.lock();
+        self.closed.store(true, Ordering::SeqCst);
+        map.clear();
     }
 
     pub fn generation(&self) -> u64 {
@@ -66,6 +79,13 @@ impl ScheduleHubs {
 
     pub fn subscribe(&self, schedule_id: i64) -> Subscription {
         let mut map = self.lock();
+        if self.closed.load(Ordering::SeqCst) {
+            return Subscription {
+                rx: None,
+                schedule_id,
+                hubs: self.clone(),
+            };
+        }
         let entry = map.entry(schedule_id).or_insert_with(|| HubEntry {
             tx: broadcast::channel(self.capacity).0,
             low_water: None,
@@ -201,6 +221,25 @@ mod tests {
         assert_eq!(hubs.active(), vec![(1, Some(5))]);
         hubs.publish(&event(9));
         assert_eq!(hubs.active(), vec![(1, Some(9))]);
+    }
+
+    #[tokio::test]
+    async fn close_ends_every_subscription_after_what_was_queued() {
+        let hubs = ScheduleHubs::new(8);
+        let mut s = hubs.subscribe(1);
+        hubs.publish(&event(1));
+        hubs.close();
+        assert!(matches!(s.recv().await, Ok(HubMessage::Event(_))));
+        assert!(matches!(
+            s.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        let mut late = hubs.subscribe(1);
+        assert!(matches!(
+            late.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        assert_eq!(hubs.channel_count(), 0);
     }
 
     #[tokio::test]

@@ -14,7 +14,6 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::event_log::EventLog;
 use super::hub::{HubMessage, ScheduleHubs, Subscription};
@@ -59,22 +58,20 @@ pub struct SeatStreams {
     hubs: ScheduleHubs,
     log: EventLog,
     heartbeat: Duration,
-    shutdown: CancellationToken,
 }
 
 impl SeatStreams {
-    pub fn new(
-        hubs: ScheduleHubs,
-        log: EventLog,
-        heartbeat: Duration,
-        shutdown: CancellationToken,
-    ) -> Self {
+    pub fn new(hubs: ScheduleHubs, log: EventLog, heartbeat: Duration) -> Self {
         Self {
             hubs,
             log,
             heartbeat,
-            shutdown,
         }
+    }
+
+    /// Ends every stream (shutdown), see [`ScheduleHubs::close`].
+    pub fn end_all(&self) {
+        self.hubs.close();
     }
 
     /// The hubs the listener relay publishes to.
@@ -169,14 +166,9 @@ fn seat_event_stream<G: Send + 'static>(
         let mut last_sent = Instant::now();
         let heartbeat = tokio::time::sleep_until(last_sent + ctx.heartbeat);
         tokio::pin!(heartbeat);
-        // Made once: a fresh `cancelled()` per event would register and
-        // unregister on the token's one lock, shared by every stream.
-        let shutdown = ctx.shutdown.clone().cancelled_owned();
-        tokio::pin!(shutdown);
         loop {
             let message = tokio::select! {
                 biased;
-                () = &mut shutdown => break,
                 m = sub.recv() => Ok(m),
                 () = &mut heartbeat => Err(()),
             };

@@ -211,22 +211,40 @@ async fn write_response(
     // The client sends nothing more; a read only ever ends the stream
     // (EOF or an error), so a closed stream's resources go at once.
     let mut probe = [0u8; 8];
-    loop {
-        let next = tokio::select! {
+    let mut ended = false;
+    while !ended {
+        // Events first: the read side is then polled once per wake-up (when
+        // there is nothing more to send) instead of twice, and a client that
+        // left is still seen at once when idle, or by the next write.
+        let first = tokio::select! {
             biased;
+            next = data.next() => next,
             read = rx.read(&mut probe) => match read {
                 Ok(0) | Err(_) => return Ok(()),
                 Ok(_) => continue,
             },
-            next = data.next() => next,
         };
-        match next {
-            Some(Ok(bytes)) if bytes.is_empty() => {}
-            Some(Ok(bytes)) if chunked => write_chunk(&mut tx, &bytes).await?,
-            Some(Ok(bytes)) => tx.write_all(&bytes).await?,
+        let mut batch = Batch::default();
+        match first {
+            Some(Ok(bytes)) => batch.push(bytes),
             Some(Err(e)) => return Err(std::io::Error::other(e)),
             None => break,
         }
+        // What else is already queued goes out in the same write, as hyper
+        // does: in a drop, events come faster than one write each. Polled
+        // with this task's own waker, so a Pending here still wakes it.
+        while batch.frames.len() < MAX_BATCH {
+            match futures::poll!(data.next()) {
+                std::task::Poll::Ready(Some(Ok(bytes))) => batch.push(bytes),
+                std::task::Poll::Ready(Some(Err(e))) => return Err(std::io::Error::other(e)),
+                std::task::Poll::Ready(None) => {
+                    ended = true;
+                    break;
+                }
+                std::task::Poll::Pending => break,
+            }
+        }
+        batch.write(&mut tx, chunked).await?;
     }
     if chunked {
         tx.write_all(b"0\r\n\r\n").await?;
@@ -234,31 +252,67 @@ async fn write_response(
     tx.shutdown().await
 }
 
-/// One chunk in one system call: size line, data, end of line.
-async fn write_chunk(
+/// Frames written together: at most this many per system call.
+const MAX_BATCH: usize = 64;
+
+/// Frames to write in one system call (one chunk, when chunked).
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Bytes>,
+    len: usize,
+}
+
+impl Batch {
+    fn push(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.len += bytes.len();
+            self.frames.push(bytes);
+        }
+    }
+
+    async fn write(
+        &self,
+        tx: &mut tokio::net::tcp::WriteHalf<'_>,
+        chunked: bool,
+    ) -> std::io::Result<()> {
+        if self.frames.is_empty() {
+            return Ok(());
+        }
+        let mut size = [0u8; 18];
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(self.frames.len() + 2);
+        if chunked {
+            let n = chunk_size_line(self.len, &mut size);
+            parts.push(&size[..n]);
+        }
+        parts.extend(self.frames.iter().map(|f| &f[..]));
+        if chunked {
+            parts.push(b"\r\n");
+        }
+        write_all_vectored(tx, &parts).await
+    }
+}
+
+/// Writes `parts` in as few system calls as the socket allows.
+async fn write_all_vectored(
     tx: &mut tokio::net::tcp::WriteHalf<'_>,
-    bytes: &Bytes,
+    parts: &[&[u8]],
 ) -> std::io::Result<()> {
-    let mut size = [0u8; 18];
-    let size_len = chunk_size_line(bytes.len(), &mut size);
-    let parts = [&size[..size_len], &bytes[..], b"\r\n"];
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut written = 0;
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len());
     while written < total {
         // Skip what is already out, then write the rest in one call.
+        slices.clear();
         let mut skip = written;
-        let mut stack: [IoSlice<'_>; 3] = [IoSlice::new(&[]); 3];
-        let mut count = 0;
         for p in parts {
             if skip >= p.len() {
                 skip -= p.len();
                 continue;
             }
-            stack[count] = IoSlice::new(&p[skip..]);
+            slices.push(IoSlice::new(&p[skip..]));
             skip = 0;
-            count += 1;
         }
-        let n = tx.write_vectored(&stack[..count]).await?;
+        let n = tx.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }

@@ -288,3 +288,61 @@ async fn half_sent_stream_heads_are_closed_at_the_head_timeout() {
         took.as_secs_f64()
     );
 }
+
+/// The chunks of a chunked body, as far as they are complete.
+fn chunks(mut body: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(line_end) = find(body, b"\r\n") {
+        let Ok(size) = usize::from_str_radix(&String::from_utf8_lossy(&body[..line_end]), 16)
+        else {
+            break;
+        };
+        let start = line_end + 2;
+        if body.len() < start + size + 2 {
+            break;
+        }
+        out.push(String::from_utf8_lossy(&body[start..start + size]).into_owned());
+        body = &body[start + size + 2..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn events_already_queued_go_out_together_in_order() {
+    let (_db, r) = TestDb::with_replica(ReplicaOpts::default()).await;
+    let schedule = r.create_schedule(2, 8, &[]).await;
+    let users: [String; 6] = r.guests().await;
+    for (i, u) in users.iter().enumerate() {
+        assert_eq!(r.hold(u, schedule, &[(1, i as i64 + 1)]).await.status, 201);
+    }
+    // Resuming from 0: six events replayed at once, written in one chunk.
+    let mut c = Raw::connect(&r).await;
+    c.send(&format!(
+        "GET /api/schedules/{schedule}/seats/stream HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 0\r\n\r\n"
+    ))
+    .await;
+    c.head().await;
+    c.read_until("six events", |b| {
+        chunks(b).concat().matches("\n\n").count() >= 7
+    })
+    .await;
+    let got = chunks(&c.read);
+    assert_eq!(got[0], "retry: 3000\n\n");
+    let events: String = got[1..].concat();
+    let ids: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    assert_eq!(ids, ["1", "2", "3", "4", "5", "6"], "{events:?}");
+    for (i, frame) in events.split_terminator("\n\n").enumerate() {
+        assert_eq!(
+            frame,
+            format!(
+                "id: {}\ndata: {{\"action\":\"OCCUPIED\",\"seats\":[{{\"row\":1,\"col\":{}}}]}}",
+                i + 1,
+                i + 1
+            )
+        );
+    }
+    assert_eq!(got.len(), 2, "the replayed events in one chunk: {got:?}");
+}
