@@ -20,6 +20,8 @@
 //! (no upstream keep-alive, or HTTP/1.0) gets this path for every stream.
 
 use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::SystemTime;
 
 use axum::body::{Body, HttpBody};
@@ -27,9 +29,9 @@ use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderName, HeaderValue, Method, Request, Response, Version};
 use axum::Router;
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::Stream;
 use std::net::SocketAddr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -211,45 +213,99 @@ async fn write_response(
     // The client sends nothing more; a read only ever ends the stream
     // (EOF or an error), so a closed stream's resources go at once.
     let mut probe = [0u8; 8];
-    let mut ended = false;
-    while !ended {
-        // Events first: the read side is then polled once per wake-up (when
-        // there is nothing more to send) instead of twice, and a client that
-        // left is still seen at once when idle, or by the next write.
-        let first = tokio::select! {
-            biased;
-            next = data.next() => next,
-            read = rx.read(&mut probe) => match read {
-                Ok(0) | Err(_) => return Ok(()),
-                Ok(_) => continue,
-            },
-        };
+    // Whether the body last answered Pending to this task, so that it will
+    // wake the task for what comes next: then it need not be asked again
+    // before the task sleeps. Each ask that answers Pending registers with
+    // the schedule's broadcast channel, on a lock every stream shares.
+    let mut armed = false;
+    loop {
         let mut batch = Batch::default();
-        match first {
-            Some(Ok(bytes)) => batch.push(bytes),
-            Some(Err(e)) => return Err(std::io::Error::other(e)),
-            None => break,
-        }
-        // What else is already queued goes out in the same write, as hyper
-        // does: in a drop, events come faster than one write each. Polled
-        // with this task's own waker, so a Pending here still wakes it.
-        while batch.frames.len() < MAX_BATCH {
-            match futures::poll!(data.next()) {
-                std::task::Poll::Ready(Some(Ok(bytes))) => batch.push(bytes),
-                std::task::Poll::Ready(Some(Err(e))) => return Err(std::io::Error::other(e)),
-                std::task::Poll::Ready(None) => {
-                    ended = true;
-                    break;
+        let mut skip_body = std::mem::take(&mut armed);
+        let step = std::future::poll_fn(|cx| {
+            if !std::mem::take(&mut skip_body) {
+                // Only the body's last answer counts: a Pending from an
+                // earlier poll was spent by the wake-up that led here.
+                armed = false;
+                // Everything already queued goes out in one write, as with
+                // hyper: in a drop, events come faster than one write each.
+                while batch.frames.len() < MAX_BATCH {
+                    match Pin::new(&mut data).poll_next(cx) {
+                        Poll::Ready(Some(Ok(bytes))) => batch.push(bytes),
+                        Poll::Ready(Some(Err(e))) => {
+                            return Poll::Ready(Step::Failed(std::io::Error::other(e)))
+                        }
+                        Poll::Ready(None) => return Poll::Ready(Step::Ended),
+                        Poll::Pending => {
+                            armed = true;
+                            break;
+                        }
+                    }
                 }
-                std::task::Poll::Pending => break,
+                if !batch.frames.is_empty() {
+                    return Poll::Ready(Step::Write);
+                }
             }
+            let mut buf = ReadBuf::new(&mut probe);
+            match Pin::new(&mut rx).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Step::Closed),
+                Poll::Ready(Err(_)) => Poll::Ready(Step::Closed),
+                Poll::Ready(Ok(())) => {
+                    // Stray bytes from the client: ignored, look again.
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match step {
+            Step::Write => {
+                // A write that had to wait for the socket let this task
+                // sleep, and a wake-up from the body may have been spent on
+                // it: then the body must be asked again.
+                if waited_for(batch.write(&mut tx, chunked)).await? {
+                    armed = false;
+                }
+            }
+            Step::Ended => {
+                batch.write(&mut tx, chunked).await?;
+                break;
+            }
+            Step::Closed => return Ok(()),
+            Step::Failed(e) => return Err(e),
         }
-        batch.write(&mut tx, chunked).await?;
     }
     if chunked {
         tx.write_all(b"0\r\n\r\n").await?;
     }
     tx.shutdown().await
+}
+
+/// Runs `write`; `Ok(true)` if it did not finish at its first poll.
+async fn waited_for(
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<bool> {
+    let mut write = std::pin::pin!(write);
+    let mut waited = false;
+    std::future::poll_fn(|cx| match write.as_mut().poll(cx) {
+        Poll::Ready(result) => Poll::Ready(result.map(|()| waited)),
+        Poll::Pending => {
+            waited = true;
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// What one wake-up of a stream's connection found.
+enum Step {
+    /// Frames to write.
+    Write,
+    /// The response ended (after the frames gathered, if any).
+    Ended,
+    /// The client left.
+    Closed,
+    Failed(std::io::Error),
 }
 
 /// Frames written together: at most this many per system call.
