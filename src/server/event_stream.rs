@@ -228,7 +228,7 @@ async fn write_response(
                 armed = false;
                 // Everything already queued goes out in one write, as with
                 // hyper: in a drop, events come faster than one write each.
-                while batch.frames.len() < MAX_BATCH {
+                while batch.count() < MAX_BATCH {
                     match Pin::new(&mut data).poll_next(cx) {
                         Poll::Ready(Some(Ok(bytes))) => batch.push(bytes),
                         Poll::Ready(Some(Err(e))) => {
@@ -241,7 +241,7 @@ async fn write_response(
                         }
                     }
                 }
-                if !batch.frames.is_empty() {
+                if batch.count() > 0 {
                     return Poll::Ready(Step::Write);
                 }
             }
@@ -311,18 +311,29 @@ enum Step {
 /// Frames written together: at most this many per system call.
 const MAX_BATCH: usize = 64;
 
-/// Frames to write in one system call (one chunk, when chunked).
+/// Frames to write in one system call (one chunk, when chunked). The
+/// usual case, one frame, allocates nothing.
 #[derive(Default)]
 struct Batch {
-    frames: Vec<Bytes>,
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
     len: usize,
 }
 
 impl Batch {
+    fn count(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
     fn push(&mut self, bytes: Bytes) {
-        if !bytes.is_empty() {
-            self.len += bytes.len();
-            self.frames.push(bytes);
+        if bytes.is_empty() {
+            return;
+        }
+        self.len += bytes.len();
+        if self.first.is_none() {
+            self.first = Some(bytes);
+        } else {
+            self.more.push(bytes);
         }
     }
 
@@ -331,19 +342,24 @@ impl Batch {
         tx: &mut tokio::net::tcp::WriteHalf<'_>,
         chunked: bool,
     ) -> std::io::Result<()> {
-        if self.frames.is_empty() {
+        let Some(first) = &self.first else {
             return Ok(());
-        }
+        };
         let mut size = [0u8; 18];
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(self.frames.len() + 2);
-        if chunked {
+        let size = if chunked {
             let n = chunk_size_line(self.len, &mut size);
-            parts.push(&size[..n]);
+            &size[..n]
+        } else {
+            &[]
+        };
+        let end: &[u8] = if chunked { b"\r\n" } else { b"" };
+        if self.more.is_empty() {
+            return write_all_vectored(tx, &[size, first, end]).await;
         }
-        parts.extend(self.frames.iter().map(|f| &f[..]));
-        if chunked {
-            parts.push(b"\r\n");
-        }
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(self.more.len() + 3);
+        parts.extend([size, &first[..]]);
+        parts.extend(self.more.iter().map(|f| &f[..]));
+        parts.push(end);
         write_all_vectored(tx, &parts).await
     }
 }
@@ -355,20 +371,31 @@ async fn write_all_vectored(
 ) -> std::io::Result<()> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut written = 0;
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len());
     while written < total {
         // Skip what is already out, then write the rest in one call.
-        slices.clear();
         let mut skip = written;
-        for p in parts {
+        let rest = parts.iter().filter_map(|p| {
             if skip >= p.len() {
                 skip -= p.len();
-                continue;
+                None
+            } else {
+                let slice = IoSlice::new(&p[skip..]);
+                skip = 0;
+                Some(slice)
             }
-            slices.push(IoSlice::new(&p[skip..]));
-            skip = 0;
-        }
-        let n = tx.write_vectored(&slices).await?;
+        });
+        let n = if parts.len() <= 3 {
+            let mut few = [IoSlice::new(&[]); 3];
+            let mut k = 0;
+            for slice in rest {
+                few[k] = slice;
+                k += 1;
+            }
+            tx.write_vectored(&few[..k]).await?
+        } else {
+            let many: Vec<IoSlice<'_>> = rest.collect();
+            tx.write_vectored(&many).await?
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
