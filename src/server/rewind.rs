@@ -30,6 +30,11 @@ impl AsyncRead for Rewind {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if !self.prefix.has_remaining() {
+                // An empty slice would still keep the whole buffer alive
+                // for as long as the connection lasts.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
