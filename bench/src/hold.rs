@@ -246,8 +246,8 @@ pub(crate) async fn hold_mode(
                 );
             }
             println!(
-                "ratio service/pgbench = {ratio:.3} (target >= 0.8: {})",
-                if ratio >= 0.8 { "met" } else { "NOT met" }
+                "ratio service/pgbench = {ratio:.3} (target >= 0.9: {})",
+                if ratio >= 0.9 { "met" } else { "NOT met" }
             );
             println!(
                 "bench: service {service_rate:.1} holds/s, pgbench {pgbench_rate:.1} tps, ratio {ratio:.3}"
