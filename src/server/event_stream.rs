@@ -37,8 +37,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-/// Every seat-stream request starts with this.
-const PREFIX: &[u8] = b"GET /api/schedules/";
 /// Headers a request may carry on this path (more go to hyper).
 const MAX_HEADERS: usize = 64;
 
@@ -53,9 +51,10 @@ pub enum Sniffed {
     Gone,
 }
 
-/// Reads the start of a connection until it is clear whether it is a
-/// seat-stream request. Most connections are told apart by their first
-/// bytes; only a stream request is read to the end of its head.
+/// Reads a connection's first request head, to tell whether it is a
+/// seat-stream request. The whole head, for every connection: hyper's own
+/// head timeout starts again when it gets the connection, so a head it
+/// got half-sent could hold the connection for nearly twice the timeout.
 pub async fn sniff(
     tcp: &mut TcpStream,
     max_head: usize,
@@ -78,8 +77,8 @@ pub async fn sniff(
             Ok(Ok(0)) => return Sniffed::Other(buf.freeze()),
             Ok(Ok(_)) => {}
         }
-        let seen = buf.len().min(PREFIX.len());
-        if buf[..seen] != PREFIX[..seen] || buf.len() > max_head {
+        if buf.len() > max_head {
+            // hyper reads the rest and the router answers `431`.
             return Sniffed::Other(buf.freeze());
         }
         match parse(&buf) {

@@ -279,13 +279,29 @@ async fn half_sent_stream_heads_are_closed_at_the_head_timeout() {
         took < Duration::from_secs(5),
         "closed after {took:?}, timeout 1 s"
     );
+    // A head that looks like a stream at first, turns out not to be one
+    // and then stalls: closed at the same timeout, counted from the
+    // connection's start (not started again when hyper takes it over).
+    let connected = Instant::now();
+    let mut c = Raw::connect(&r).await;
+    c.send("GET /api/sched").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    c.send("x HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
+    let rest = c.until_closed().await;
+    let diverted = connected.elapsed();
+    assert!(rest.is_empty(), "{rest}");
+    assert!(
+        diverted < Duration::from_millis(1500),
+        "closed after {diverted:?}, timeout 1 s from the connection's start"
+    );
     // The replica still serves streams.
     let mut c = Raw::connect(&r).await;
     c.send(&stream_request(schedule, "HTTP/1.1")).await;
     assert!(c.head().await.starts_with("http/1.1 200 ok"));
     println!(
-        "50 half-sent stream heads closed within {:.2} s (timeout 1 s)",
-        took.as_secs_f64()
+        "50 half-sent stream heads closed within {:.2} s (timeout 1 s); a half-sent other head after {:.2} s",
+        took.as_secs_f64(),
+        diverted.as_secs_f64()
     );
 }
 
