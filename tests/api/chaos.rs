@@ -862,12 +862,7 @@ async fn inject(
                             continue;
                         }
                         let pid: i32 = row.get(0);
-                        if let Ok(r) = c
-                            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-                            .await
-                        {
-                            n += usize::from(r.get::<_, bool>(0));
-                        }
+                        n += usize::from(terminate_backend(&c, pid).await.unwrap_or(false));
                     }
                 }
                 let affected = slot.map_or(all.clone(), |s| vec![s]);
@@ -892,12 +887,7 @@ async fn inject(
                             continue;
                         }
                         let pid: i32 = row.get(0);
-                        if let Ok(r) = c
-                            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-                            .await
-                        {
-                            n += usize::from(r.get::<_, bool>(0));
-                        }
+                        n += usize::from(terminate_backend(&c, pid).await.unwrap_or(false));
                     }
                 }
                 (all.clone(), format!("{n} of {of} pooled ({percent}%)"))

@@ -30,12 +30,7 @@ async fn terminate_listeners(
                 continue;
             }
         }
-        let done: bool = pg
-            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-            .await
-            .unwrap()
-            .get(0);
-        killed += usize::from(done);
+        killed += usize::from(terminate_backend(pg, pid).await.unwrap());
     }
     killed
 }

@@ -40,6 +40,17 @@ fn to_url(cfg: &tokio_postgres::Config) -> String {
     )
 }
 
+/// Ends one backend of the server `pg` is connected to; whether it did.
+pub async fn terminate_backend(
+    pg: &tokio_postgres::Client,
+    pid: i32,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(pg
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await?
+        .get(0))
+}
+
 /// A seat event, as the log and the stream carry it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedEvent {
