@@ -40,7 +40,7 @@ use tower::ServiceExt;
 /// Headers a request may carry on this path (more go to hyper).
 const MAX_HEADERS: usize = 64;
 
-/// What the first bytes of a connection turned out to be.
+/// What the first request head of a connection turned out to be.
 pub enum Sniffed {
     /// A seat-stream request, parsed; the connection is answered here.
     SeatStream(Box<Request<Body>>),
@@ -103,12 +103,12 @@ fn parse(buf: &[u8]) -> Parse {
         Ok(httparse::Status::Complete(n)) => n,
         Err(_) => return Parse::Other,
     };
-    // Bytes past the head would be a pipelined request or a body.
     let version = match head.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
         _ => return Parse::Other,
     };
+    // Bytes past the head would be a pipelined request or a body.
     if length != buf.len() || head.method != Some("GET") {
         return Parse::Other;
     }

@@ -44,8 +44,9 @@ pub struct ConnectionLimits {
     pub write_timeout: Duration,
 }
 
-/// Serves `app` until `shutdown`, then lets open connections finish (SSE
-/// streams end on the same signal) and returns once they have.
+/// Serves `app` until `shutdown`, then lets open connections finish and
+/// returns once they have (seat streams were ended before, through their
+/// channels: `SeatStreams::end_all`).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
