@@ -28,8 +28,9 @@ function clockSkew(date, received) {
 }
 
 export class Checkout {
-  constructor({ scheduleId, store, ui, say, focusGrid = () => {} }) {
+  constructor({ scheduleId, holdSeconds, store, ui, say, focusGrid = () => {} }) {
     this.focusGrid = focusGrid;
+    this.holdSeconds = holdSeconds;
     this.scheduleId = scheduleId;
     this.store = store;
     this.ui = ui; // { pay, best, quantity, confirm, cancel, choose, payment, heldSeats, countdown }
@@ -215,10 +216,16 @@ export class Checkout {
 
   showPending(booking, response) {
     const skew = clockSkew(response.date, response.received);
+    let deadline = Date.parse(booking.expiresAt) - skew;
+    // The skew is only known to about a second, but a hold never has more
+    // than the hold length left once its answer has arrived.
+    if (Number.isFinite(this.holdSeconds) && this.holdSeconds > 0) {
+      deadline = Math.min(deadline, response.received + this.holdSeconds * 1000);
+    }
     this.booking = {
       bookingId: booking.bookingId,
       seats: booking.seats,
-      deadline: Date.parse(booking.expiresAt) - skew,
+      deadline,
     };
     sessionStorage.setItem(this.storageKey, booking.bookingId);
     this.store.setMine(booking.seats);

@@ -58,7 +58,14 @@ async function main() {
     countdown: $("countdown"),
   };
   let grid = null;
-  const checkout = new Checkout({ scheduleId, store, ui, say, focusGrid: () => grid && grid.focusActive() });
+  const checkout = new Checkout({
+    scheduleId,
+    holdSeconds: schedule.holdSeconds,
+    store,
+    ui,
+    say,
+    focusGrid: () => grid && grid.focusActive(),
+  });
 
   const summary = $("summary");
   const chosen = $("chosen");
