@@ -131,6 +131,11 @@ pub(crate) async fn sse_client(
         let mut body = Vec::with_capacity(512);
         let mut chunk = vec![0u8; 2048];
         let mut first = std::mem::take(&mut buf);
+        // One registration with the token for the whole stream: a new one
+        // per read takes the token's lock, shared by every client, per
+        // event, and the load generator would compete with the replicas.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             let now = Instant::now();
             body.clear();
@@ -158,7 +163,7 @@ pub(crate) async fn sse_client(
                 return Err("stream ended".to_string());
             }
             let n = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
+                _ = &mut stopped => return Ok(()),
                 n = stream.read(&mut chunk) => n.map_err(|e| format!("read: {e}"))?,
             };
             if n == 0 {

@@ -84,8 +84,11 @@ pub async fn seat_stream(
         .abuse
         .open_stream(address)
         .ok_or(ApiError::TooManyStreams)?;
-    let stream = state.streams.open(id, resume, (slot, per_address)).await?;
+    let (stream, direct) = state.streams.open(id, resume, (slot, per_address)).await?;
     let mut response = Response::new(Body::from_stream(stream));
+    // For a connection that can hand its socket to the schedule's writer
+    // (`server::event_stream`); any other drops it with the response.
+    response.extensions_mut().insert(direct);
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();
     h.insert(

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::broadcast;
 
+use super::direct::{self, GoDirect, Lane, Lanes};
 use super::Frame;
 use crate::events::SeatEvent;
 
@@ -25,6 +26,10 @@ struct HubEntry {
     /// will reach from its queue). After the listener reconnects the relay
     /// replays from here, so nobody misses what was committed meanwhile.
     low_water: Option<i64>,
+    /// Streams whose sockets the schedule's writer may write to.
+    lanes: Lanes,
+    /// Whether the writer task runs: it holds one receiver of `tx`.
+    writer: bool,
 }
 
 /// The per-schedule channels of this replica. A schedule's channel exists
@@ -89,12 +94,39 @@ impl ScheduleHubs {
         let entry = map.entry(schedule_id).or_insert_with(|| HubEntry {
             tx: broadcast::channel(self.capacity).0,
             low_water: None,
+            lanes: Lanes::default(),
+            writer: false,
         });
         Subscription {
             rx: Some(entry.tx.subscribe()),
             schedule_id,
             hubs: self.clone(),
         }
+    }
+
+    /// Lets the schedule's writer task write to `lane` when its stream goes
+    /// direct (see [`direct`]); starts the writer with the first lane.
+    /// `false` when the schedule has no channel (shutdown closed it).
+    pub fn register_lane(&self, schedule_id: i64, lane: Arc<Lane>) -> bool {
+        let mut map = self.lock();
+        let Some(entry) = map.get_mut(&schedule_id) else {
+            return false;
+        };
+        {
+            let mut lanes = entry.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            if lanes.len() == lanes.capacity() {
+                // Before it grows: the writer prunes only when events come.
+                lanes.retain(|l| !l.is_gone());
+            }
+            lanes.push(lane);
+        }
+        if !entry.writer {
+            entry.writer = true;
+            // Subscribed here, under the lock, before any lane can go
+            // direct: the writer sees every event a direct lane waits for.
+            tokio::spawn(direct::write_loop(entry.tx.subscribe(), entry.lanes.clone()));
+        }
+        true
     }
 
     /// Records where a new subscriber starts, see [`HubEntry::low_water`].
@@ -141,7 +173,7 @@ impl ScheduleHubs {
         let mut map = self.lock();
         if map
             .get(&schedule_id)
-            .is_some_and(|e| e.tx.receiver_count() == 0)
+            .is_some_and(|e| e.tx.receiver_count() <= usize::from(e.writer))
         {
             map.remove(&schedule_id);
         }
@@ -166,6 +198,14 @@ impl Subscription {
 
     pub fn schedule_id(&self) -> i64 {
         self.schedule_id
+    }
+
+    /// See [`Lane::try_go_direct`].
+    pub fn go_direct(&mut self, lane: &Lane, pos: i64) -> GoDirect {
+        match self.rx.as_mut() {
+            Some(rx) => lane.try_go_direct(rx, pos),
+            None => GoDirect::NotNow,
+        }
     }
 }
 

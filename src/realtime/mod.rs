@@ -4,6 +4,7 @@
 //! SSE stream, replaying from [`event_log`] where a client or the relay
 //! missed something.
 
+pub mod direct;
 pub mod event_log;
 pub mod hub;
 pub mod listener;
@@ -28,6 +29,9 @@ struct EventData<'a> {
 pub struct Frame {
     pub id: i64,
     pub bytes: Bytes,
+    /// `bytes` as one HTTP/1.1 chunk, for streams written directly
+    /// (see [`direct`]).
+    pub chunk: Bytes,
 }
 
 impl Frame {
@@ -38,9 +42,12 @@ impl Frame {
             seats: &event.seats,
         })
         .unwrap_or_default();
+        let bytes = format!("id: {}\ndata: {}\n\n", event.event_id, data);
+        let chunk = format!("{:x}\r\n{bytes}\r\n", bytes.len());
         Frame {
             id: event.event_id,
-            bytes: Bytes::from(format!("id: {}\ndata: {}\n\n", event.event_id, data)),
+            bytes: Bytes::from(bytes),
+            chunk: Bytes::from(chunk),
         }
     }
 }
@@ -67,8 +74,13 @@ mod tests {
             holder: None,
             expires_at_micros: None,
         };
+        let frame = Frame::of(&e);
         assert_eq!(
-            Frame::of(&e).bytes,
+            frame.chunk,
+            Bytes::from(format!("{:x}\r\n{}\r\n", frame.bytes.len(), std::str::from_utf8(&frame.bytes).unwrap()))
+        );
+        assert_eq!(
+            frame.bytes,
             Bytes::from_static(
                 b"id: 43\ndata: {\"action\":\"OCCUPIED\",\"seats\":[{\"row\":1,\"col\":5},{\"row\":1,\"col\":6}]}\n\n"
             )

@@ -8,6 +8,7 @@
 //! seen at once and filled from the log.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
+use super::direct::{DirectSink, GoDirect, Lane};
 use super::event_log::EventLog;
 use super::hub::{HubMessage, ScheduleHubs, Subscription};
 use super::{Frame, HEARTBEAT_FRAME, RESYNC_FRAME, RETRY_FRAME};
@@ -98,12 +100,21 @@ impl SeatStreams {
     /// position with the hub at once (so a listener reconnect's gap replay
     /// covers this client), then check that the listener did not reconnect
     /// meanwhile.
+    ///
+    /// With the stream comes its [`DirectWrites`]: a connection that can
+    /// write to its socket without waiting hands it over through it.
     pub async fn open<G: Send + 'static>(
         &self,
         schedule_id: i64,
         mut resume: Resume,
         guard: G,
-    ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
+    ) -> Result<
+        (
+            impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+            DirectWrites,
+        ),
+        OpenError,
+    > {
         let generation = self.hubs.generation();
         let sub = self.hubs.subscribe(schedule_id);
         let mut newest = self.last_event_id(schedule_id).await?;
@@ -119,7 +130,16 @@ impl SeatStreams {
             }
             newest = now;
         }
-        Ok(seat_event_stream(self.clone(), sub, resume, newest, guard))
+        let lane = Lane::new();
+        let direct = DirectWrites {
+            lane: lane.clone(),
+            hubs: self.hubs.clone(),
+            schedule_id,
+        };
+        Ok((
+            seat_event_stream(self.clone(), sub, resume, newest, guard, lane),
+            direct,
+        ))
     }
 
     async fn last_event_id(&self, schedule_id: i64) -> Result<i64, OpenError> {
@@ -127,6 +147,38 @@ impl SeatStreams {
             .last_event_id(schedule_id)
             .await?
             .ok_or(OpenError::ScheduleNotFound(schedule_id))
+    }
+}
+
+/// Lets the schedule's writer task write a stream's events straight to its
+/// client's socket while the stream is caught up (see
+/// [`super::direct`]). Unused, the stream writes everything itself.
+#[derive(Clone)]
+pub struct DirectWrites {
+    lane: Arc<Lane>,
+    hubs: ScheduleHubs,
+    schedule_id: i64,
+}
+
+impl DirectWrites {
+    /// Hands over the socket. From now on the connection must tell the
+    /// lane when it holds nothing unwritten ([`Lane::set_flushed`]) and
+    /// write the lane's rest ([`Lane::take_rest`]) before anything else.
+    pub fn attach(&self, sink: Arc<dyn DirectSink>) -> Option<Arc<Lane>> {
+        if !self.hubs.register_lane(self.schedule_id, self.lane.clone()) {
+            return None;
+        }
+        self.lane.attach(sink);
+        Some(self.lane.clone())
+    }
+}
+
+/// Forgets the socket when the stream ends.
+struct Detach(Arc<Lane>);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        self.0.detach();
     }
 }
 
@@ -138,9 +190,11 @@ fn seat_event_stream<G: Send + 'static>(
     resume: Resume,
     newest: i64,
     guard: G,
+    lane: Arc<Lane>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
     async_stream::stream! {
         let _guard = guard;
+        let _detach = Detach(lane.clone());
         let schedule_id = sub.schedule_id();
         yield Ok(Bytes::from_static(RETRY_FRAME));
 
@@ -166,12 +220,67 @@ fn seat_event_stream<G: Send + 'static>(
         let mut last_sent = Instant::now();
         let heartbeat = tokio::time::sleep_until(last_sent + ctx.heartbeat);
         tokio::pin!(heartbeat);
+        // Whether the schedule's writer task writes this stream's events.
+        let mut direct = false;
+        // Set when the lane comes back: the channel was not read while the
+        // writer wrote, so its first read may report a lag.
+        let mut back_from_direct = false;
+        // Such a lag, until the next event shows whether it lost anything:
+        // it did if that event is past the position (the writer had
+        // written up to it), and then the client is as slow as any other
+        // that lags.
+        let mut lagged_while_direct = false;
         loop {
-            let message = tokio::select! {
-                biased;
-                m = sub.recv() => Ok(m),
-                () = &mut heartbeat => Err(()),
+            let message = if direct {
+                let handed_back = tokio::select! {
+                    biased;
+                    () = std::future::poll_fn(|cx| lane.poll_handed_back(cx)) => true,
+                    () = &mut heartbeat => false,
+                };
+                let back = lane.take_back();
+                direct = false;
+                back_from_direct = true;
+                if back.broken {
+                    break;
+                }
+                pos = Some(back.pos);
+                if let Some(at) = back.last_write {
+                    last_sent = last_sent.max(at);
+                }
+                if handed_back {
+                    continue;
+                }
+                Err(())
+            } else {
+                let ready = match pos {
+                    Some(p) => sub.go_direct(&lane, p),
+                    None => GoDirect::NotNow,
+                };
+                match ready {
+                    GoDirect::Direct => {
+                        direct = true;
+                        continue;
+                    }
+                    GoDirect::Message(m) => Ok(m),
+                    GoDirect::NotNow => tokio::select! {
+                        biased;
+                        m = sub.recv() => Ok(m),
+                        () = &mut heartbeat => Err(()),
+                        // The connection has written everything: try again.
+                        () = std::future::poll_fn(|_| lane.poll_flushed()), if pos.is_some() => continue,
+                    },
+                }
             };
+            let mut lost = false;
+            if let Ok(read) = &message {
+                if back_from_direct && matches!(read, Err(RecvError::Lagged(_))) {
+                    back_from_direct = false;
+                    lagged_while_direct = true;
+                    continue;
+                }
+                back_from_direct = false;
+                lost = std::mem::take(&mut lagged_while_direct);
+            }
             match message {
                 Err(()) => {
                     let now = Instant::now();
@@ -185,6 +294,13 @@ fn seat_event_stream<G: Send + 'static>(
                     let expected = pos.map(|p| p + 1);
                     match expected {
                         Some(next) if frame.id < next => continue,
+                        Some(next) if frame.id > next && lost => {
+                            // Overwritten in the channel while the socket
+                            // was full: cut off, as below.
+                            metrics::counter!("seatsync_sse_lagged_total").increment(1);
+                            tracing::debug!(schedule_id, "slow SSE client disconnected");
+                            break;
+                        }
                         Some(next) if frame.id > next => {
                             // A hole: fill it from the log, or resync.
                             for f in Box::pin(replay_frames(&ctx.log, schedule_id, next - 1, frame.id - 1)).await {
