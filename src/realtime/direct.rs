@@ -128,7 +128,7 @@ impl Lane {
     pub fn detach(&self) {
         let mut st = self.lock();
         self.gone.store(true, Ordering::Release);
-        st.direct = false;
+        leave_direct(&mut st);
         st.sink = None;
     }
 
@@ -175,6 +175,8 @@ impl Lane {
             Err(TryRecvError::Empty) => {
                 st.direct = true;
                 st.pos = pos;
+                metrics::counter!("seatsync_sse_direct_handoffs_total").increment(1);
+                metrics::gauge!("seatsync_sse_direct_streams").increment(1.0);
                 GoDirect::Direct
             }
             Ok(message) => GoDirect::Message(Ok(message)),
@@ -197,7 +199,7 @@ impl Lane {
     /// because the writer handed it back).
     pub fn take_back(&self) -> TakenBack {
         let mut st = self.lock();
-        st.direct = false;
+        leave_direct(&mut st);
         TakenBack {
             pos: st.pos,
             last_write: st.last_write,
@@ -206,9 +208,10 @@ impl Lane {
     }
 
     /// The writer gives up the lane; the stream carries on.
-    pub(super) fn hand_back(&self) {
-        let was_direct = std::mem::take(&mut self.lock().direct);
+    pub(super) fn hand_back(&self, reason: Handback) {
+        let was_direct = leave_direct(&mut self.lock());
         if was_direct {
+            reason.count();
             self.waker.wake();
         }
     }
@@ -254,22 +257,63 @@ impl Lane {
                 let total: usize = sent.iter().map(|f| wire(f, chunked).len()).sum();
                 if n < total {
                     st.rest = Some(unwritten(sent, chunked, n));
-                    true
+                    Some(Handback::PartialWrite)
                 } else {
-                    gap
+                    gap.then_some(Handback::Gap)
                 }
             }
-            Written::Nothing => true,
+            Written::Nothing if end > start => Some(Handback::SocketFull),
+            Written::Nothing => Some(Handback::Gap),
             Written::Failed => {
                 st.broken = true;
-                true
+                Some(Handback::WriteFailed)
             }
         };
-        if handed_back {
-            st.direct = false;
+        if let Some(reason) = handed_back {
+            leave_direct(&mut st);
             drop(st);
+            reason.count();
             self.waker.wake();
         }
+    }
+}
+
+/// Ends the lane's direct spell, if it is in one; whether it was.
+fn leave_direct(st: &mut LaneState) -> bool {
+    let was = std::mem::take(&mut st.direct);
+    if was {
+        metrics::gauge!("seatsync_sse_direct_streams").decrement(1.0);
+    }
+    was
+}
+
+/// Why the writer handed a lane back (the label of
+/// `seatsync_sse_direct_handbacks_total`).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Handback {
+    /// The socket took nothing: a slow client.
+    SocketFull,
+    /// The socket took part of a write: a slow client, and the connection
+    /// writes the rest.
+    PartialWrite,
+    /// The next event is not the one after the lane's position.
+    Gap,
+    WriteFailed,
+    /// A resync, the writer falling behind its channel, or the channel
+    /// closing.
+    Writer,
+}
+
+impl Handback {
+    fn count(self) {
+        let reason = match self {
+            Handback::SocketFull => "socket_full",
+            Handback::PartialWrite => "partial_write",
+            Handback::Gap => "gap",
+            Handback::WriteFailed => "write_failed",
+            Handback::Writer => "writer",
+        };
+        metrics::counter!("seatsync_sse_direct_handbacks_total", "reason" => reason).increment(1);
     }
 }
 
@@ -345,7 +389,7 @@ pub(super) async fn write_loop(mut rx: broadcast::Receiver<HubMessage>, lanes: L
                 lane.deliver(&batch, now);
             }
             if hand_back || closed {
-                lane.hand_back();
+                lane.hand_back(Handback::Writer);
             }
         }
         batch.clear();
@@ -458,7 +502,11 @@ mod tests {
         lane.deliver(&[frame(1), frame(2)], Instant::now());
         let rest = lane.take_rest().expect("a rest");
         assert_eq!(
-            format!("{}{}", sink.text(), String::from_utf8(rest.to_vec()).unwrap()),
+            format!(
+                "{}{}",
+                sink.text(),
+                String::from_utf8(rest.to_vec()).unwrap()
+            ),
             format!("{}{}", text(1), text(2))
         );
         assert_eq!(lane.take_back().pos, 2);

@@ -124,7 +124,10 @@ impl ScheduleHubs {
             entry.writer = true;
             // Subscribed here, under the lock, before any lane can go
             // direct: the writer sees every event a direct lane waits for.
-            tokio::spawn(direct::write_loop(entry.tx.subscribe(), entry.lanes.clone()));
+            tokio::spawn(direct::write_loop(
+                entry.tx.subscribe(),
+                entry.lanes.clone(),
+            ));
         }
         true
     }

@@ -77,7 +77,11 @@ mod tests {
         let frame = Frame::of(&e);
         assert_eq!(
             frame.chunk,
-            Bytes::from(format!("{:x}\r\n{}\r\n", frame.bytes.len(), std::str::from_utf8(&frame.bytes).unwrap()))
+            Bytes::from(format!(
+                "{:x}\r\n{}\r\n",
+                frame.bytes.len(),
+                std::str::from_utf8(&frame.bytes).unwrap()
+            ))
         );
         assert_eq!(
             frame.bytes,

@@ -522,3 +522,152 @@ async fn clients_that_stop_reading_are_cut_off_without_hurting_others() {
     println!("paused client: cut off at event {got} of {last}, resumed by replay");
     db.assert_consistent().await;
 }
+
+/// Reads a raw chunked stream until it has carried the event `last`;
+/// returns the ids of every event, in the order they came.
+async fn read_raw_until(s: &mut TcpStream, last: i64, timeout: Duration) -> Vec<i64> {
+    let mut raw = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let (body, ended) = dechunk(&raw);
+        assert!(!ended, "the stream ended");
+        let mut text = String::from_utf8_lossy(&body).into_owned();
+        let ids: Vec<i64> = take_frames(&mut text)
+            .into_iter()
+            .filter_map(|f| match f {
+                SseFrame::Event { id, .. } => Some(id),
+                SseFrame::Resync => panic!("resync"),
+                _ => None,
+            })
+            .collect();
+        if ids.last() == Some(&last) {
+            return ids;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => panic!("event {last} did not arrive within {timeout:?}; got {ids:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => panic!("the stream broke off; got {ids:?}"),
+            Ok(Ok(n)) => raw.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The sum of a labelled counter's series whose labels contain `label`.
+async fn metric_with(r: &Replica, name: &str, label: &str) -> f64 {
+    r.metrics_text()
+        .await
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
+#[tokio::test]
+async fn caught_up_streams_are_written_by_the_schedules_writer() {
+    let db = TestDb::create().await;
+    let r = Replica::spawn(&db, ReplicaOpts::default()).await;
+    let schedule = r.create_schedule(10, 10, &[]).await;
+    let mut raw: Vec<TcpStream> = Vec::new();
+    for _ in 0..3 {
+        raw.push(raw_stream(&r, schedule, false).await);
+    }
+    for col in 1..=10 {
+        let token = r.guest().await;
+        r.hold(&token, schedule, &[(1, col)]).await;
+    }
+    let (last, _) = r.snapshot(schedule).await;
+    assert_eq!(last, 10);
+    for s in &mut raw {
+        let ids = read_raw_until(s, last, Duration::from_secs(5)).await;
+        assert_eq!(ids, (1..=last).collect::<Vec<_>>());
+    }
+    // Each stream went direct once and was never handed back: the writer,
+    // not the streams' own tasks, wrote all 30 deliveries.
+    let handoffs = r.metric("seatsync_sse_direct_handoffs_total").await;
+    let handbacks = r.metric("seatsync_sse_direct_handbacks_total").await;
+    println!(
+        "direct: {handoffs} hand-offs, {} hand-backs for 3 streams x {last} events",
+        handbacks as i64
+    );
+    assert_eq!(handoffs, 3.0);
+    assert_eq!(handbacks, 0.0);
+    assert_eq!(r.metric("seatsync_sse_direct_streams").await, 3.0);
+    // A stream that ends leaves the writer at once.
+    drop(raw.pop());
+    wait_metric(
+        &r,
+        "seatsync_sse_direct_streams",
+        2.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    wait_metric(&r, "seatsync_sse_connections", 2.0, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_direct_stream_whose_socket_fills_gets_every_event_once_in_order() {
+    let db = TestDb::create().await;
+    // A channel long enough that the paused client is never cut off: this
+    // is about the hand-back, not the lag.
+    let r = Replica::spawn(
+        &db,
+        ReplicaOpts::default()
+            .with("MAX_SEATS_PER_BOOKING", 100)
+            .with("SSE_CLIENT_BUFFER", 100_000),
+    )
+    .await;
+    let schedule = r.create_schedule(10, 10, &[]).await;
+    let mut paused = raw_stream(&r, schedule, true).await;
+    let mut reading = raw_stream(&r, schedule, false).await;
+    let token = r.guest().await;
+    // Events of about 1 KB until the paused client's socket has filled:
+    // the writer wrote part of a write, or nothing, and handed back.
+    let started = Instant::now();
+    let mut steps = 0;
+    while r.metric("seatsync_sse_direct_handbacks_total").await == 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the paused client's socket never filled ({steps} steps)"
+        );
+        big_step(&r, &token, schedule, 0).await;
+        steps += 1;
+    }
+    // A few more while it stays full, then it reads again.
+    for _ in 0..20 {
+        big_step(&r, &token, schedule, 0).await;
+    }
+    let (last, _) = r.snapshot(schedule).await;
+    let all: Vec<i64> = (1..=last).collect();
+    assert_eq!(
+        read_raw_until(&mut reading, last, Duration::from_secs(10)).await,
+        all
+    );
+    assert_eq!(
+        read_raw_until(&mut paused, last, Duration::from_secs(10)).await,
+        all,
+        "every event once, in order"
+    );
+    // Caught up, both streams are the writer's again.
+    wait_metric(
+        &r,
+        "seatsync_sse_direct_streams",
+        2.0,
+        Duration::from_secs(5),
+    )
+    .await;
+    println!(
+        "full socket: {steps} steps to fill it, {last} events; hand-offs {}, hand-backs {} \
+         ({} partial write, {} socket full)",
+        r.metric("seatsync_sse_direct_handoffs_total").await,
+        r.metric("seatsync_sse_direct_handbacks_total").await,
+        metric_with(&r, "seatsync_sse_direct_handbacks_total", "partial_write").await,
+        metric_with(&r, "seatsync_sse_direct_handbacks_total", "socket_full").await
+    );
+    // Only the paused client's socket filled.
+    let slow = metric_with(&r, "seatsync_sse_direct_handbacks_total", "partial_write").await
+        + metric_with(&r, "seatsync_sse_direct_handbacks_total", "socket_full").await;
+    assert_eq!(slow, r.metric("seatsync_sse_direct_handbacks_total").await);
+    assert_eq!(r.metric("seatsync_sse_lagged_total").await, 0.0);
+    db.assert_consistent().await;
+}
