@@ -268,6 +268,9 @@ pub(crate) async fn sse_mode(
         .iter()
         .map(|r| proc_user_sys_ms(r.pid as i32))
         .collect();
+    // The load generator's own share, for reading the latencies: its
+    // clients compete with the replicas for the same cores.
+    let own_before = proc_user_sys_ms(std::process::id() as i32);
     println!("bench: sse: {holds} holds at {}/s", args.rate);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -316,6 +319,10 @@ pub(crate) async fn sse_mode(
             (user - before.0, sys - before.1)
         })
         .collect();
+    let own = {
+        let (user, sys) = proc_user_sys_ms(std::process::id() as i32);
+        (user - own_before.0, sys - own_before.1)
+    };
     let rss_after: Vec<u64> = env.replicas.iter().map(|r| vm_rss_kib(r.pid)).collect();
     stop.cancel();
     let mut logs = Vec::with_capacity(n_clients);
@@ -455,6 +462,13 @@ pub(crate) async fn sse_mode(
         cpu_ms.iter().map(|c| (c.0 + c.1).round() as i64).collect::<Vec<_>>(),
         user_ms * 1000.0 / deliveries,
         sys_ms * 1000.0 / deliveries,
+    );
+    println!(
+        "load generator   {:.0} ms CPU over the same time: {:.2} µs per delivered event ({:.2} user, {:.2} kernel)",
+        own.0 + own.1,
+        (own.0 + own.1) * 1000.0 / deliveries,
+        own.0 * 1000.0 / deliveries,
+        own.1 * 1000.0 / deliveries,
     );
     let total_before: u64 = rss_before.iter().sum();
     let total_after: u64 = rss_connected.iter().sum();
