@@ -174,9 +174,19 @@ async fn an_http_1_0_stream_is_ended_by_close_and_errors_are_whole_responses() {
     assert!(!head.contains("transfer-encoding"), "{head}");
     c.read_until("the retry frame", |b| b.starts_with(b"retry: 3000\n\n"))
         .await;
+    // The schedule's writer task writes the event, unframed too.
+    wait_for("the stream to go direct", Duration::from_secs(5), || async {
+        (r.metric("seatsync_sse_direct_streams").await == 1.0).then_some(())
+    })
+    .await;
     assert_eq!(r.hold(&token, schedule, &[(2, 4)]).await.status, 201);
-    c.read_until("the event", |b| find(b, b"id: 1\ndata: ").is_some())
+    c.read_until("the event", |b| find(b, b"}\n\n").is_some())
         .await;
+    assert_eq!(
+        String::from_utf8_lossy(&c.read),
+        "retry: 3000\n\nid: 1\ndata: {\"action\":\"OCCUPIED\",\"seats\":[{\"row\":2,\"col\":4}]}\n\n"
+    );
+    assert_eq!(r.metric("seatsync_sse_direct_handbacks_total").await, 0.0);
 
     // Refusals on this path are complete responses, then the close.
     for (path, status, code) in [
