@@ -86,6 +86,9 @@ pub(crate) struct ClientLog {
     /// (event id, arrival).
     pub(crate) events: Vec<(u64, Instant)>,
     pub(crate) resyncs: u32,
+    /// Reads that brought at least one event: events per such read shows
+    /// how often the server merged events into one write.
+    pub(crate) event_reads: u64,
     /// Saw `retry:`: from here on every event must arrive.
     pub(crate) subscribed: bool,
     /// The stream ended (or failed) before we stopped it.
@@ -144,6 +147,7 @@ pub(crate) async fn sse_client(
                 Some(d) => d.feed(input, &mut body).map_err(|e| e.to_string())?,
                 None => body.extend_from_slice(input),
             }
+            let events_before = log.events.len();
             parser.feed(&body, |item| match item {
                 SseItem::Retry => {
                     log.subscribed = true;
@@ -159,6 +163,9 @@ pub(crate) async fn sse_client(
                 }
                 SseItem::Event { id: None, .. } => {}
             });
+            if log.events.len() > events_before {
+                log.event_reads += 1;
+            }
             if dechunk.as_ref().is_some_and(Dechunker::done) {
                 return Err("stream ended".to_string());
             }
@@ -359,6 +366,7 @@ pub(crate) async fn sse_mode(
     let mut early = 0u64;
     let mut ended: HashMap<String, usize> = HashMap::new();
     let mut live_clients = 0usize;
+    let event_reads: u64 = logs.iter().map(|l| l.event_reads).sum();
     for log in &logs {
         resyncs += log.resyncs as u64;
         if let Some(e) = &log.ended {
@@ -464,11 +472,13 @@ pub(crate) async fn sse_mode(
         sys_ms * 1000.0 / deliveries,
     );
     println!(
-        "load generator   {:.0} ms CPU over the same time: {:.2} µs per delivered event ({:.2} user, {:.2} kernel)",
+        "load generator   {:.0} ms CPU over the same time: {:.2} µs per delivered event ({:.2} user, {:.2} kernel); \
+         {event_reads} reads brought events ({:.2} events per read)",
         own.0 + own.1,
         (own.0 + own.1) * 1000.0 / deliveries,
         own.0 * 1000.0 / deliveries,
         own.1 * 1000.0 / deliveries,
+        deliveries / event_reads.max(1) as f64,
     );
     let total_before: u64 = rss_before.iter().sum();
     let total_after: u64 = rss_connected.iter().sum();

@@ -175,9 +175,11 @@ async fn an_http_1_0_stream_is_ended_by_close_and_errors_are_whole_responses() {
     c.read_until("the retry frame", |b| b.starts_with(b"retry: 3000\n\n"))
         .await;
     // The schedule's writer task writes the event, unframed too.
-    wait_for("the stream to go direct", Duration::from_secs(5), || async {
-        (r.metric("seatsync_sse_direct_streams").await == 1.0).then_some(())
-    })
+    wait_for(
+        "the stream to go direct",
+        Duration::from_secs(5),
+        || async { (r.metric("seatsync_sse_direct_streams").await == 1.0).then_some(()) },
+    )
     .await;
     assert_eq!(r.hold(&token, schedule, &[(2, 4)]).await.status, 201);
     c.read_until("the event", |b| find(b, b"}\n\n").is_some())
