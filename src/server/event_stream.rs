@@ -305,8 +305,13 @@ async fn write_response(
                 }
                 match tcp.try_read(&mut probe) {
                     Ok(0) => return Poll::Ready(Step::Closed),
-                    // Stray bytes from the client: ignored, look again.
-                    Ok(_) => {}
+                    Ok(_) => {
+                        // Stray bytes from the client: ignored, look again
+                        // later (a flood of them does not hold the thread).
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    // Readiness is cleared: the next poll registers.
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(_) => return Poll::Ready(Step::Closed),
                 }
