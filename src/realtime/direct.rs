@@ -351,48 +351,90 @@ pub(super) type Lanes = Arc<Mutex<Vec<Arc<Lane>>>>;
 /// batch of events to every direct lane. Ends when the channel closes
 /// (the schedule's last subscriber left, or shutdown), handing every lane
 /// back so that each stream ends after its own channel.
+///
+/// Events that arrive while a round of writes is under way join it for
+/// the lanes not yet written (one send carries both), and start the next
+/// round, where the lanes written before get them. Under load the lanes
+/// late in a round so get the next event without waiting for a whole
+/// round, in fewer sends.
 pub(super) async fn write_loop(mut rx: broadcast::Receiver<HubMessage>, lanes: Lanes) {
     let mut batch: Vec<Arc<Frame>> = Vec::with_capacity(MAX_BATCH);
+    let mut stop: Option<Stop> = None;
     loop {
-        let mut hand_back = false;
-        let mut closed = false;
-        let mut next = Some(rx.recv().await);
-        while let Some(message) = next.take() {
-            match message {
-                Ok(HubMessage::Event(frame)) => batch.push(frame),
-                // A lane cannot follow past these: its stream reads its own
-                // channel (and replays from the log where needed).
-                Ok(HubMessage::Resync) | Err(RecvError::Lagged(_)) => hand_back = true,
-                Err(RecvError::Closed) => closed = true,
-            }
-            if hand_back || closed || batch.len() >= MAX_BATCH {
-                break;
-            }
-            next = match rx.try_recv() {
-                Ok(m) => Some(Ok(m)),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-                Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
-            };
+        if batch.is_empty() {
+            let first = rx.recv().await;
+            take(first, &mut batch, &mut stop);
         }
+        gather(&mut rx, &mut batch, &mut stop);
         let snapshot: Vec<Arc<Lane>> = {
             let mut lanes = lanes.lock().unwrap_or_else(|p| p.into_inner());
             lanes.retain(|l| !l.is_gone());
             lanes.clone()
         };
         let now = Instant::now();
-        for lane in &snapshot {
+        let round = batch.len();
+        for (i, lane) in snapshot.iter().enumerate() {
+            if i % LANES_PER_LOOK == 0 && i > 0 {
+                gather(&mut rx, &mut batch, &mut stop);
+            }
             if !batch.is_empty() {
                 lane.deliver(&batch, now);
             }
-            if hand_back || closed {
+        }
+        if let Some(why) = stop.take() {
+            for lane in &snapshot {
                 lane.hand_back(Handback::Writer);
             }
+            if why == Stop::Closed {
+                return;
+            }
+            batch.clear();
+            continue;
         }
-        batch.clear();
-        if closed {
-            return;
-        }
+        // What joined mid-round is still owed to the lanes before it.
+        batch.drain(..round);
+    }
+}
+
+/// Lanes written between two looks at the channel within a round.
+const LANES_PER_LOOK: usize = 64;
+
+/// Why the writer stops following its lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// A resync, or the writer fell behind its channel: a lane cannot
+    /// follow past it, its stream reads its own channel (and replays
+    /// from the log where needed).
+    HandBack,
+    Closed,
+}
+
+fn take(
+    message: Result<HubMessage, RecvError>,
+    batch: &mut Vec<Arc<Frame>>,
+    stop: &mut Option<Stop>,
+) {
+    match message {
+        Ok(HubMessage::Event(frame)) => batch.push(frame),
+        Ok(HubMessage::Resync) | Err(RecvError::Lagged(_)) => *stop = Some(Stop::HandBack),
+        Err(RecvError::Closed) => *stop = Some(Stop::Closed),
+    }
+}
+
+/// Adds what the channel holds now to `batch`, up to a stop.
+fn gather(
+    rx: &mut broadcast::Receiver<HubMessage>,
+    batch: &mut Vec<Arc<Frame>>,
+    stop: &mut Option<Stop>,
+) {
+    while stop.is_none() && batch.len() < MAX_BATCH {
+        let message = match rx.try_recv() {
+            Ok(m) => Ok(m),
+            Err(TryRecvError::Empty) => return,
+            Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+            Err(TryRecvError::Closed) => Err(RecvError::Closed),
+        };
+        take(message, batch, stop);
     }
 }
 
@@ -533,6 +575,36 @@ mod tests {
         lane.deliver(&[frame(1)], Instant::now());
         assert!(!lane.lock().direct);
         assert!(lane.take_back().broken);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_gives_every_direct_lane_every_event_once_in_order() {
+        let (tx, _) = broadcast::channel::<HubMessage>(4096);
+        let lanes = Lanes::default();
+        let mut sinks = Vec::new();
+        for _ in 0..300 {
+            let sink = Sink::new(usize::MAX);
+            lanes.lock().unwrap().push(direct_lane(sink.clone(), 0));
+            sinks.push(sink);
+        }
+        let writer = tokio::spawn(write_loop(tx.subscribe(), lanes));
+        // Sent from another thread while the writer writes, so that events
+        // also join rounds under way.
+        let sender = std::thread::spawn(move || {
+            for id in 1..=500 {
+                tx.send(HubMessage::Event(frame(id))).unwrap();
+                if id % 50 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        });
+        sender.join().unwrap();
+        // The channel closed: the writer writes what it has, then ends.
+        writer.await.unwrap();
+        let all: String = (1..=500).map(text).collect();
+        for sink in &sinks {
+            assert_eq!(sink.text(), all);
+        }
     }
 
     #[test]
