@@ -1,4 +1,6 @@
-//! A broadcast channel per schedule that has viewers on this replica.
+//! A broadcast channel per schedule that has viewers on this replica, and
+//! the schedule's writer task once a stream can be written directly (see
+//! [`super::direct`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -2,7 +2,8 @@
 //! PostgreSQL and feeds [`hub::ScheduleHubs`], a broadcast channel per
 //! schedule with viewers; [`stream`] turns a subscription into one browser's
 //! SSE stream, replaying from [`event_log`] where a client or the relay
-//! missed something.
+//! missed something; while a stream is caught up, its schedule's writer
+//! ([`direct`]) writes the events to its socket.
 
 pub mod direct;
 pub mod event_log;
