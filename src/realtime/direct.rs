@@ -132,7 +132,8 @@ impl Lane {
         st.sink = None;
     }
 
-    /// See [`Lane::flushed`].
+    /// The connection says whether it holds nothing unwritten as it asks
+    /// the stream for frames: only then may the stream go direct.
     pub fn set_flushed(&self, flushed: bool) {
         self.flushed.store(flushed, Ordering::Relaxed);
     }
