@@ -442,8 +442,7 @@ fn gather(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{SeatAction, SeatEvent};
-    use crate::schedules::Seat;
+    use crate::realtime::test_event;
 
     /// A socket that takes up to `room` bytes, then blocks.
     struct Sink {
@@ -489,15 +488,7 @@ mod tests {
     }
 
     fn frame(id: i64) -> Arc<Frame> {
-        Arc::new(Frame::of(&SeatEvent {
-            schedule_id: 1,
-            event_id: id,
-            action: SeatAction::Occupied,
-            seats: vec![Seat { row: 1, col: 1 }],
-            at_micros: None,
-            holder: None,
-            expires_at_micros: None,
-        }))
+        Arc::new(Frame::of(&test_event(id)))
     }
 
     fn direct_lane(sink: Arc<Sink>, pos: i64) -> Arc<Lane> {

@@ -225,20 +225,7 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::SeatAction;
-    use crate::schedules::Seat;
-
-    fn event(id: i64) -> SeatEvent {
-        SeatEvent {
-            schedule_id: 1,
-            event_id: id,
-            action: SeatAction::Occupied,
-            seats: vec![Seat { row: 1, col: 1 }],
-            at_micros: None,
-            holder: None,
-            expires_at_micros: None,
-        }
-    }
+    use crate::realtime::test_event as event;
 
     #[tokio::test]
     async fn channel_lives_exactly_as_long_as_its_subscribers() {

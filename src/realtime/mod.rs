@@ -60,6 +60,20 @@ pub const RETRY_FRAME: &[u8] = b"retry: 3000\n\n";
 /// Heartbeat comment, so proxies see traffic on a quiet stream.
 pub const HEARTBEAT_FRAME: &[u8] = b": heartbeat\n\n";
 
+/// What the realtime modules' unit tests publish: one seat taken.
+#[cfg(test)]
+pub(crate) fn test_event(id: i64) -> SeatEvent {
+    SeatEvent {
+        schedule_id: 1,
+        event_id: id,
+        action: SeatAction::Occupied,
+        seats: vec![Seat { row: 1, col: 1 }],
+        at_micros: None,
+        holder: None,
+        expires_at_micros: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
